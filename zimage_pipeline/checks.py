@@ -1,0 +1,216 @@
+"""`zimage-pipeline check`: reach every dependency and say, one line each, what is wrong.
+
+Each probe returns a CheckResult instead of raising, so one dead service never hides the
+state of the others. Error texts are passed through `redact` so that no secret can leak
+through a library's exception message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from zimage_pipeline.errors import ZImageError
+from zimage_pipeline.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+
+
+def redact(text: str, secrets: Iterable[SecretStr | None]) -> str:
+    for secret in secrets:
+        value = secret.get_secret_value() if secret is not None else ""
+        if value:
+            text = text.replace(value, "***")
+    return text
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if str(exc) else text
+
+
+def check_broker(settings: Settings) -> CheckResult:
+    import aio_pika
+
+    cfg = settings.broker
+    where = f"amqp{'s' if cfg.tls else ''}://{cfg.host}:{cfg.port}{cfg.virtual_host}"
+    password = cfg.resolved_password()
+
+    async def probe() -> str:
+        ssl_context = None
+        if cfg.tls:
+            ssl_context = ssl.create_default_context(
+                cafile=str(cfg.ca_cert_file) if cfg.ca_cert_file else None
+            )
+            if not cfg.verify_tls:
+                ssl_context.check_hostname = False
+                ssl_context.verify_mode = ssl.CERT_NONE
+        connection = await aio_pika.connect(
+            host=cfg.host,
+            port=cfg.port,
+            login=cfg.username,
+            password=password.get_secret_value(),
+            virtualhost=cfg.virtual_host,
+            ssl=cfg.tls,
+            ssl_context=ssl_context,
+            timeout=cfg.connect_timeout_s,
+        )
+        async with connection:
+            props = (
+                connection.transport.connection.server_properties if connection.transport else {}
+            )
+            version = props.get("version", b"?")
+            return version.decode() if isinstance(version, bytes) else str(version)
+
+    try:
+        version = asyncio.run(asyncio.wait_for(probe(), timeout=cfg.connect_timeout_s + 1))
+    except Exception as exc:
+        return CheckResult("broker", False, f"{where}: {redact(_describe(exc), [password])}")
+    return CheckResult("broker", True, f"{where} (RabbitMQ {version}) as {cfg.username}")
+
+
+def check_database(settings: Settings) -> CheckResult:
+    from sqlalchemy import text
+
+    from zimage_pipeline.ledger import migrate
+    from zimage_pipeline.ledger.db import create_ledger_engine, database_url
+
+    password = settings.database.resolved_password()
+    where = settings.database.url
+    try:
+        url = database_url(settings.database)
+        where = url.render_as_string(hide_password=True)
+        engine = create_ledger_engine(settings.database)
+        try:
+            with engine.connect() as connection:
+                connection.execute(text("select 1"))
+            current, head = migrate.current_revision(engine), migrate.head_revision()
+        finally:
+            engine.dispose()
+    except Exception as exc:
+        return CheckResult("database", False, f"{where}: {redact(_describe(exc), [password])}")
+    if current != head:
+        return CheckResult(
+            "database",
+            False,
+            f"{where}: schema at {current or 'empty'}, expected {head}: run `zimage-pipeline db upgrade`",
+        )
+    return CheckResult("database", True, f"{where} (schema {current})")
+
+
+def check_directory(settings: Settings) -> CheckResult:
+    import ldap3
+
+    cfg = settings.directory
+    password = cfg.resolved_bind_password()
+    tls = ldap3.Tls(
+        validate=ssl.CERT_REQUIRED if cfg.verify_tls else ssl.CERT_NONE,
+        ca_certs_file=str(cfg.ca_cert_file) if cfg.ca_cert_file else None,
+    )
+    use_ssl = cfg.url.startswith("ldaps://")
+    try:
+        server = ldap3.Server(
+            cfg.url, use_ssl=use_ssl, tls=tls, connect_timeout=cfg.connect_timeout_s
+        )
+        connection = ldap3.Connection(
+            server,
+            user=cfg.bind_dn,
+            password=password.get_secret_value(),
+            receive_timeout=int(cfg.search_timeout_s),
+            raise_exceptions=True,
+        )
+        connection.open()
+        if cfg.start_tls and not use_ssl:
+            connection.start_tls()
+        connection.bind()
+        connection.search(cfg.base_dn, "(objectClass=*)", search_scope=ldap3.BASE)
+        connection.unbind()
+    except Exception as exc:
+        return CheckResult("directory", False, f"{cfg.url}: {redact(_describe(exc), [password])}")
+    mode = "LDAPS" if use_ssl else ("StartTLS" if cfg.start_tls else "plaintext")
+    verified = "verified" if cfg.verify_tls else "NOT verified"
+    return CheckResult(
+        "directory", True, f"{cfg.url} ({mode}, certificate {verified}) as {cfg.bind_dn}"
+    )
+
+
+def check_object_store(settings: Settings) -> CheckResult:
+    from zimage_pipeline.storage_client import make_s3_client
+
+    cfg = settings.storage
+    secrets: list[SecretStr | None] = []
+    try:
+        credentials = cfg.resolved_credentials()
+        if credentials is not None:
+            secrets.extend(credentials)
+        client = make_s3_client(cfg)
+        for bucket in (cfg.bucket, cfg.audit_bucket):
+            client.head_bucket(Bucket=bucket)
+    except Exception as exc:
+        return CheckResult(
+            "object store",
+            False,
+            f"{cfg.endpoint_url or 'AWS S3'}: {redact(_describe(exc), secrets)}",
+        )
+    return CheckResult(
+        "object store",
+        True,
+        f"{cfg.endpoint_url or 'AWS S3'} buckets {cfg.bucket}, {cfg.audit_bucket}",
+    )
+
+
+def check_model(settings: Settings) -> CheckResult:
+    location = settings.engine.model_path
+    path = Path(location)
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            return CheckResult(
+                "model", False, f"{path}: no model_index.json (not a diffusers layout)"
+            )
+        try:
+            pipeline_class = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "?")
+        except (OSError, ValueError) as exc:
+            return CheckResult("model", False, f"{index}: unreadable: {exc}")
+        return CheckResult("model", True, f"{path} ({pipeline_class})")
+    if path.exists():
+        return CheckResult("model", False, f"{path}: not a directory")
+    if location.count("/") == 1 and not location.startswith((".", "/")):
+        return CheckResult(
+            "model", True, f"{location}: Hugging Face repo id (fetched at load time)"
+        )
+    return CheckResult(
+        "model",
+        False,
+        f"{path}: not found (build a test model with `zimage-pipeline model make-tiny`)",
+    )
+
+
+ALL_CHECKS: tuple[Callable[[Settings], CheckResult], ...] = (
+    check_broker,
+    check_database,
+    check_directory,
+    check_object_store,
+    check_model,
+)
+
+
+def run_checks(settings: Settings) -> list[CheckResult]:
+    results = []
+    for check in ALL_CHECKS:
+        try:
+            results.append(check(settings))
+        except ZImageError as exc:  # a secret file that cannot be read, etc.
+            results.append(CheckResult(check.__name__.removeprefix("check_"), False, str(exc)))
+    return results

@@ -1,0 +1,209 @@
+"""`zimage-pipeline`: the one command-line entry point.
+
+Commands whose capability has not landed yet exit with status 3 and say which piece of
+work provides them, instead of pretending to work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from zimage_pipeline.errors import ConfigError, NotYetAvailable
+from zimage_pipeline.settings import Settings, load_settings
+
+app = typer.Typer(
+    help="Z-Image-Turbo generation worker for enterprise content pipelines.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Ledger schema (Alembic).", no_args_is_help=True)
+quota_app = typer.Typer(help="Quotas: show, set and grant.", no_args_is_help=True)
+users_app = typer.Typer(help="Users as the worker sees them.", no_args_is_help=True)
+audit_app = typer.Typer(help="Compliance queries over the audit trail.", no_args_is_help=True)
+model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(quota_app, name="quota")
+app.add_typer(users_app, name="users")
+app.add_typer(audit_app, name="audit")
+app.add_typer(model_app, name="model")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", help="TOML config file (default: $ZIMAGE_CONFIG or config/zimage.toml)."
+    ),
+]
+
+EXIT_CONFIG = 2
+EXIT_NOT_AVAILABLE = 3
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+def _not_available(command: str, provided_by: str) -> NoReturn:
+    exc = NotYetAvailable(f"`{command}` is not available in this version ({provided_by})")
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(EXIT_NOT_AVAILABLE)
+
+
+@app.command()
+def check(config: ConfigOption = None) -> None:
+    """Validate the configuration and reach every dependency; non-zero exit if any fails."""
+    from zimage_pipeline.checks import run_checks
+
+    settings = _settings(config)
+    typer.echo("PASS config: valid")
+    results = run_checks(settings)
+    width = max(len(r.name) for r in results)
+    for result in results:
+        mark = "PASS" if result.ok else "FAIL"
+        typer.echo(f"{mark} {result.name + ':':<{width + 1}} {result.detail}")
+    failed = [r.name for r in results if not r.ok]
+    if failed:
+        typer.echo(
+            f"{len(failed)} of {len(results)} dependencies failed: {', '.join(failed)}", err=True
+        )
+        raise typer.Exit(1)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+    config: ConfigOption = None,
+) -> None:
+    """Migrate the ledger schema up to REVISION (default: head)."""
+    from zimage_pipeline.ledger import migrate
+    from zimage_pipeline.ledger.db import create_ledger_engine, database_url
+
+    settings = _settings(config)
+    engine = create_ledger_engine(settings.database)
+    try:
+        migrate.upgrade(engine, revision)
+        where = database_url(settings.database).render_as_string(hide_password=True)
+        typer.echo(f"ledger at {migrate.current_revision(engine)} ({where})")
+    finally:
+        engine.dispose()
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision, e.g. base or -1.")],
+    config: ConfigOption = None,
+) -> None:
+    """Migrate the ledger schema down to REVISION."""
+    from zimage_pipeline.ledger import migrate
+    from zimage_pipeline.ledger.db import create_ledger_engine
+
+    engine = create_ledger_engine(_settings(config).database)
+    try:
+        migrate.downgrade(engine, revision)
+        typer.echo(f"ledger at {migrate.current_revision(engine) or 'base'}")
+    finally:
+        engine.dispose()
+
+
+@db_app.command("current")
+def db_current(config: ConfigOption = None) -> None:
+    """Print the ledger's schema revision and the newest one this version knows."""
+    from zimage_pipeline.ledger import migrate
+    from zimage_pipeline.ledger.db import create_ledger_engine
+
+    engine = create_ledger_engine(_settings(config).database)
+    try:
+        typer.echo(f"current: {migrate.current_revision(engine) or 'base'}")
+        typer.echo(f"head:    {migrate.head_revision()}")
+    finally:
+        engine.dispose()
+
+
+@app.command()
+def worker(config: ConfigOption = None) -> None:
+    """Consume generation requests from RabbitMQ until SIGTERM."""
+    _settings(config)
+    _not_available("worker", "the RabbitMQ worker, issue #3")
+
+
+@app.command()
+def submit(config: ConfigOption = None) -> None:
+    """Publish a generation request and optionally wait for its result."""
+    _settings(config)
+    _not_available("submit", "the RabbitMQ worker, issue #3")
+
+
+@quota_app.command("show")
+def quota_show(subject: str, config: ConfigOption = None) -> None:
+    """Show the quota, usage and remaining budget of a USER or GROUP."""
+    _settings(config)
+    _not_available("quota show", "identity and quotas, issue #4")
+
+
+@quota_app.command("set")
+def quota_set(subject: str, config: ConfigOption = None) -> None:
+    """Set a USER's or GROUP's quota."""
+    _settings(config)
+    _not_available("quota set", "identity and quotas, issue #4")
+
+
+@quota_app.command("grant")
+def quota_grant(subject: str, config: ConfigOption = None) -> None:
+    """Grant a one-off top-up (audited)."""
+    _settings(config)
+    _not_available("quota grant", "identity and quotas, issue #4")
+
+
+@users_app.command("show")
+def users_show(user: str, config: ConfigOption = None) -> None:
+    """Show a user's roles, usage and remaining quota as the worker sees them."""
+    _settings(config)
+    _not_available("users show", "identity and quotas, issue #4")
+
+
+@audit_app.command("query")
+def audit_query(config: ConfigOption = None) -> None:
+    """Query the audit trail."""
+    _settings(config)
+    _not_available("audit query", "outputs and the audit trail, issue #6")
+
+
+@audit_app.command("show")
+def audit_show(request_id: str, config: ConfigOption = None) -> None:
+    """Show one request's whole story."""
+    _settings(config)
+    _not_available("audit show", "outputs and the audit trail, issue #6")
+
+
+@audit_app.command("verify")
+def audit_verify(config: ConfigOption = None) -> None:
+    """Verify the audit hash chain and its anchored heads."""
+    _settings(config)
+    _not_available("audit verify", "outputs and the audit trail, issue #6")
+
+
+@audit_app.command("export")
+def audit_export(config: ConfigOption = None) -> None:
+    """Export a signed-off audit bundle for a time range."""
+    _settings(config)
+    _not_available("audit export", "outputs and the audit trail, issue #6")
+
+
+@model_app.command("make-tiny")
+def model_make_tiny(directory: Path) -> None:
+    """Build a tiny random-weight Z-Image pipeline in diffusers layout in DIRECTORY."""
+    _not_available("model make-tiny", "the Turbo engine, issue #5")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""One root error; each subclass names its disposition.
+
+The worker decides ack / dead-letter / retry / exit from the exception type alone, in one
+table, instead of scattering that decision through the code.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Disposition(StrEnum):
+    REJECT = "reject"  # the request itself is wrong: answer `rejected`, dead-letter, never retry
+    RETRY = "retry"  # a dependency is down or busy: retry later with backoff
+    FAIL = "fail"  # this request cannot succeed: answer `failed`, release its reservation
+    FATAL = "fatal"  # the process is unusable (sticky CUDA error): exit non-zero, redeliver
+
+
+class ZImageError(Exception):
+    """Root of every error the product raises on purpose."""
+
+    disposition: Disposition = Disposition.FAIL
+    reason: str = "INTERNAL_ERROR"
+
+
+class ConfigError(ZImageError):
+    """The configuration is invalid or incomplete; raised at startup, never per request."""
+
+    disposition = Disposition.FATAL
+    reason = "CONFIG_ERROR"
+
+
+class DependencyUnavailable(ZImageError):
+    """A service (broker, database, directory, object store) cannot be reached right now."""
+
+    disposition = Disposition.RETRY
+    reason = "DEPENDENCY_UNAVAILABLE"
+
+
+class NotYetAvailable(ZImageError):
+    """A command whose capability has not been built in this version."""
+
+    disposition = Disposition.FATAL
+    reason = "NOT_AVAILABLE"

@@ -1,0 +1,248 @@
+"""Typed settings: config/zimage.toml, overridden by ZIMAGE_* environment variables.
+
+This is the only module that reads the environment. Nested keys use a double underscore:
+``ZIMAGE_BROKER__HOST`` overrides ``[broker] host``. Secrets are ``SecretStr`` (masked in
+repr, logs and validation errors) and come from the environment or from a ``*_file``
+setting naming a file that holds them; the TOML file never carries a secret.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from zimage_pipeline.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("config/zimage.toml")
+CONFIG_PATH_ENV = "ZIMAGE_CONFIG"
+
+
+def read_secret_file(path: Path, *, setting: str) -> SecretStr:
+    """Read a secret from a file; one trailing newline is not part of the secret."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read secret file {path}: {exc.strerror}") from exc
+    return SecretStr(text.removesuffix("\n").removesuffix("\r"))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=5672, ge=1, le=65535)
+    virtual_host: str = "/"
+    username: str = "guest"
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    tls: bool = False
+    ca_cert_file: Path | None = None
+    verify_tls: bool = True
+    heartbeat_s: int = Field(default=30, ge=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    requests_exchange: str = "zimage.requests"
+    requests_queue: str = "zimage.requests"
+    results_exchange: str = "zimage.results"
+    dead_letter_exchange: str = "zimage.dlx"
+
+    def resolved_password(self) -> SecretStr:
+        if self.password is not None:
+            return self.password
+        if self.password_file is not None:
+            return read_secret_file(self.password_file, setting="broker.password_file")
+        return SecretStr("")
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite:///var/zimage.db"
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    pool_size: int = Field(default=5, ge=1)
+
+    @model_validator(mode="after")
+    def _no_password_in_url(self) -> Self:
+        # A password inside the URL would end up in logs and reprs; it must come separately.
+        from sqlalchemy.engine import make_url
+
+        try:
+            parsed = make_url(self.url)
+        except Exception as exc:
+            raise ValueError(f"database.url is not a database URL: {exc}") from None
+        if parsed.password:
+            raise ValueError(
+                "database.url must not contain a password; "
+                "set ZIMAGE_DATABASE__PASSWORD or database.password_file"
+            )
+        return self
+
+    def resolved_password(self) -> SecretStr | None:
+        if self.password is not None:
+            return self.password
+        if self.password_file is not None:
+            return read_secret_file(self.password_file, setting="database.password_file")
+        return None
+
+
+class DirectorySettings(_Section):
+    url: str = "ldap://127.0.0.1:3389"
+    start_tls: bool = True
+    verify_tls: bool = True
+    ca_cert_file: Path | None = None
+    bind_dn: str = "uid=zimage-svc,ou=services,dc=example,dc=org"
+    bind_password: SecretStr | None = None
+    bind_password_file: Path | None = None
+    base_dn: str = "dc=example,dc=org"
+    user_base_dn: str = "dc=example,dc=org"
+    user_filter: str = "(&(objectClass=inetOrgPerson)(uid={username}))"
+    disabled_filter: str = "(employeeType=disabled)"
+    group_base_dn: str = "ou=groups,dc=example,dc=org"
+    membership: str = "member"
+    connect_timeout_s: float = Field(default=3.0, gt=0)
+    search_timeout_s: float = Field(default=5.0, gt=0)
+    cache_ttl_s: float = Field(default=60.0, ge=0)
+    negative_cache_ttl_s: float = Field(default=15.0, ge=0)
+    cache_max_entries: int = Field(default=10_000, ge=1)
+
+    def resolved_bind_password(self) -> SecretStr:
+        if self.bind_password is not None:
+            return self.bind_password
+        if self.bind_password_file is not None:
+            return read_secret_file(self.bind_password_file, setting="directory.bind_password_file")
+        return SecretStr("")
+
+
+class AddressingStyle(StrEnum):
+    PATH = "path"
+    VIRTUAL = "virtual"
+    AUTO = "auto"
+
+
+class StorageSettings(_Section):
+    endpoint_url: str | None = "http://127.0.0.1:8333"
+    region: str = "us-east-1"
+    addressing_style: AddressingStyle = AddressingStyle.PATH
+    bucket: str = "zimage-images"
+    audit_bucket: str = "zimage-audit"
+    prefix: str = "zimage"
+    access_key_id: SecretStr | None = None
+    access_key_id_file: Path | None = None
+    secret_access_key: SecretStr | None = None
+    secret_access_key_file: Path | None = None
+    verify_tls: bool = True
+    ca_bundle: Path | None = None
+    connect_timeout_s: float = Field(default=3.0, gt=0)
+    read_timeout_s: float = Field(default=30.0, gt=0)
+    presign_ttl_s: int = Field(default=0, ge=0)
+
+    def resolved_credentials(self) -> tuple[SecretStr, SecretStr] | None:
+        """Static keys, or None to let boto3 find an instance role / its own chain."""
+        key_id = self.access_key_id
+        if key_id is None and self.access_key_id_file is not None:
+            key_id = read_secret_file(self.access_key_id_file, setting="storage.access_key_id_file")
+        secret = self.secret_access_key
+        if secret is None and self.secret_access_key_file is not None:
+            secret = read_secret_file(
+                self.secret_access_key_file, setting="storage.secret_access_key_file"
+            )
+        if key_id is None and secret is None:
+            return None
+        if key_id is None or secret is None:
+            raise ConfigError("storage: access_key_id and secret_access_key must be set together")
+        return key_id, secret
+
+
+class MemoryMode(StrEnum):
+    GPU = "gpu"
+    MODEL_OFFLOAD = "model_offload"
+    SEQUENTIAL_OFFLOAD = "sequential_offload"
+
+
+class EngineSettings(_Section):
+    model_path: str = "var/models/tiny"
+    device: str = "auto"
+    memory_mode: MemoryMode = MemoryMode.GPU
+    attention_backend: str = "sdpa"
+    max_batch: int = Field(default=4, ge=1)
+    default_steps: int = Field(default=8, ge=1)
+
+
+class WorkerSettings(_Section):
+    worker_id: str = ""
+    prefetch: int = Field(default=8, ge=1)
+    shutdown_grace_s: float = Field(default=60.0, ge=0)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=9464, ge=0, le=65535)
+
+
+class LoggingSettings(_Section):
+    level: str = "INFO"
+    json_logs: bool = True
+    log_prompts: bool = False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ZIMAGE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    broker: BrokerSettings = BrokerSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    directory: DirectorySettings = DirectorySettings()
+    storage: StorageSettings = StorageSettings()
+    engine: EngineSettings = EngineSettings()
+    worker: WorkerSettings = WorkerSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments > environment > TOML file > defaults.
+        toml_path = _CONFIG_PATH_OVERRIDE or Path(
+            os.environ.get(CONFIG_PATH_ENV, str(DEFAULT_CONFIG_PATH))
+        )
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_path))
+
+
+_CONFIG_PATH_OVERRIDE: Path | None = None
+
+
+def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings:
+    """Load and validate settings once; a bad key or value raises ConfigError naming it."""
+    from pydantic import ValidationError
+
+    global _CONFIG_PATH_OVERRIDE
+    if config_path is not None and not config_path.is_file():
+        raise ConfigError(f"config file not found: {config_path}")
+    _CONFIG_PATH_OVERRIDE = config_path
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
+            for err in exc.errors(include_input=False)
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+    finally:
+        _CONFIG_PATH_OVERRIDE = None

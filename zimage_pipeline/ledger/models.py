@@ -6,7 +6,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Integer, MetaData, String, func
+from sqlalchemy import JSON, DateTime, Index, Integer, MetaData, String, UniqueConstraint, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Stable constraint names, so that migrations can drop them on every backend.
@@ -54,5 +54,81 @@ class Job(Base):
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
     updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# --- Quota (revision 0002). Subjects are "user:<username>" or "team:<group DN>". ---
+
+
+class QuotaLimit(Base):
+    """An administrator's override of a subject's limits (`quota set`); NULL = no override."""
+
+    __tablename__ = "quota_limits"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    subject: Mapped[str] = mapped_column(String(512), unique=True, nullable=False)
+    images_per_day: Mapped[int | None] = mapped_column(Integer)
+    images_per_month: Mapped[int | None] = mapped_column(Integer)
+    updated_by: Mapped[str | None] = mapped_column(String(256))
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+
+class QuotaCounter(Base):
+    """Running totals of one subject in one UTC window; the row that reservations lock."""
+
+    __tablename__ = "quota_counters"
+    __table_args__ = (UniqueConstraint("subject", "window_kind", "period"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    subject: Mapped[str] = mapped_column(String(512), nullable=False)
+    window_kind: Mapped[str] = mapped_column(String(8), nullable=False)
+    period: Mapped[str] = mapped_column(String(10), nullable=False)
+    used: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    reserved: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    granted: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+
+
+class QuotaReservation(Base):
+    """One leased hold per request_id on the counters of every subject it charges."""
+
+    __tablename__ = "quota_reservations"
+    __table_args__ = (Index(None, "state", "lease_expires_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(128), unique=True, nullable=False)
+    subjects: Mapped[list[str]] = mapped_column(JSON, nullable=False)
+    day: Mapped[str] = mapped_column(String(10), nullable=False)
+    month: Mapped[str] = mapped_column(String(7), nullable=False)
+    images: Mapped[int] = mapped_column(Integer, nullable=False)
+    committed: Mapped[int | None] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    lease_expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )
+
+
+class QuotaEntry(Base):
+    """Append-only movement; unique (request_id, kind) makes redelivery unable to charge twice."""
+
+    __tablename__ = "quota_entries"
+    __table_args__ = (UniqueConstraint("request_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    subject: Mapped[str] = mapped_column(String(512), nullable=False, index=True)
+    images: Mapped[int] = mapped_column(Integer, nullable=False)
+    actor: Mapped[str | None] = mapped_column(String(256))
+    note: Mapped[str | None] = mapped_column(String(512))
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )

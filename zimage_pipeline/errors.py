@@ -42,3 +42,21 @@ class NotYetAvailable(ZImageError):
 
     disposition = Disposition.FATAL
     reason = "NOT_AVAILABLE"
+
+
+class RequestRejectedError(ZImageError):
+    """The request cannot be served as asked; answered `rejected` and never retried."""
+
+    disposition = Disposition.REJECT
+    reason = "REJECTED"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class InvalidRequestError(RequestRejectedError):
+    """The message is not a valid request: the text names the field(s)."""
+
+    reason = "INVALID_REQUEST"

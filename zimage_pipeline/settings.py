@@ -182,6 +182,12 @@ class EngineSettings(_Section):
 class WorkerSettings(_Section):
     worker_id: str = ""
     prefetch: int = Field(default=8, ge=1)
+    concurrency: int = Field(default=2, ge=1)
+    max_buffered_per_principal: int = Field(default=2, ge=1)
+    retry_delays_s: list[int] = Field(default_factory=lambda: [5, 30, 120], min_length=1)
+    max_attempts: int = Field(default=5, ge=1)
+    delivery_limit: int = Field(default=10, ge=1)
+    max_body_bytes: int = Field(default=65536, ge=1024)
     shutdown_grace_s: float = Field(default=60.0, ge=0)
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=9464, ge=0, le=65535)

@@ -1,0 +1,260 @@
+"""In-memory fakes of the ports, for tests of the core and of the worker's AMQP handling.
+
+Thread-safe where the service calls them from its executors.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from PIL import Image
+
+from zimage_pipeline.errors import DependencyUnavailable, RequestRejectedError
+from zimage_pipeline.messages import GenerationRequest, ImageFormat, Priority
+from zimage_pipeline.ports import (
+    Authorization,
+    BeginKind,
+    EncodedImage,
+    ImageSpec,
+    JobBegin,
+    Limits,
+    ModelIdentity,
+    QuotaLeft,
+    RawImage,
+    StoredObjectRef,
+    StoredOutputs,
+)
+
+GENEROUS = Limits(
+    generate=True,
+    delegate=False,
+    max_pixels=2048 * 2048,
+    max_side=2048,
+    max_images=8,
+    max_steps=50,
+    formats=frozenset(ImageFormat),
+    priorities=frozenset(Priority),
+)
+
+
+class FakeJobs:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    def begin(
+        self,
+        *,
+        request_id: str,
+        payload_sha256: str,
+        principal: str,
+        on_behalf_of: str,
+        worker_id: str,
+    ) -> JobBegin:
+        with self.lock:
+            row = self.rows.get(request_id)
+            if row is None:
+                self.rows[request_id] = {
+                    "sha": payload_sha256,
+                    "status": "received",
+                    "attempts": 1,
+                    "created_at": datetime.now(UTC),
+                    "result": None,
+                }
+                return JobBegin(BeginKind.NEW, 1, self.rows[request_id]["created_at"])
+            if row["status"] == "cancelled":
+                return JobBegin(
+                    BeginKind.TERMINAL, row["attempts"], row["created_at"], row["result"]
+                )
+            if row["sha"] != payload_sha256:
+                return JobBegin(BeginKind.CONFLICT)
+            if row["result"] is not None:
+                return JobBegin(
+                    BeginKind.TERMINAL, row["attempts"], row["created_at"], row["result"]
+                )
+            row["attempts"] += 1
+            return JobBegin(BeginKind.NEW, row["attempts"], row["created_at"])
+
+    def mark(
+        self, request_id: str, status: str, *, roles_snapshot: Mapping[str, Any] | None = None
+    ) -> None:
+        with self.lock:
+            self.rows[request_id]["status"] = status
+
+    def finish(
+        self, request_id: str, status: str, *, reason: str | None, result: Mapping[str, Any]
+    ) -> None:
+        with self.lock:
+            self.rows[request_id].update(status=status, result=dict(result))
+
+    def cancel(self, request_id: str, *, principal: str) -> bool:
+        with self.lock:
+            row = self.rows.get(request_id)
+            if row is not None and row["status"] not in ("received", "cancelled"):
+                return False
+            result = {
+                "schema": "zimage.result/v1",
+                "request_id": request_id,
+                "status": "cancelled",
+                "reason": "CANCELLED",
+                "message": "cancelled before it started",
+                "finished_at": datetime.now(UTC).isoformat(),
+            }
+            self.rows[request_id] = {
+                "sha": "",
+                "status": "cancelled",
+                "attempts": 0,
+                "created_at": datetime.now(UTC),
+                "result": result,
+            }
+            return True
+
+
+@dataclass
+class FakeAuthorizer:
+    users: dict[str, Limits] = field(default_factory=dict)
+    delegators: set[str] = field(default_factory=set)
+    unavailable_times: int = 0
+    calls: int = 0
+
+    def authorize(self, *, principal: str, on_behalf_of: str) -> Authorization:
+        self.calls += 1
+        if self.unavailable_times > 0:
+            self.unavailable_times -= 1
+            raise DependencyUnavailable("directory unreachable (fake)")
+        if on_behalf_of != principal and principal not in self.delegators:
+            raise RequestRejectedError(
+                f"{principal!r} may not act on behalf of other users",
+                reason="DELEGATION_NOT_ALLOWED",
+            )
+        if on_behalf_of not in self.users:
+            raise RequestRejectedError(f"unknown user {on_behalf_of!r}", reason="UNKNOWN_USER")
+        return Authorization(
+            subject=on_behalf_of,
+            principal=principal,
+            limits=self.users[on_behalf_of],
+            roles_snapshot={"roles": ["fake"]},
+        )
+
+
+class FakeQuota:
+    def __init__(self, daily: int = 1000) -> None:
+        self.lock = threading.Lock()
+        self.daily = daily
+        self.reserved: dict[str, tuple[str, int]] = {}
+        self.committed: dict[str, tuple[str, int]] = {}
+        self.released: set[str] = set()
+
+    def _used(self, user: str) -> int:
+        return sum(n for u, n in [*self.reserved.values(), *self.committed.values()] if u == user)
+
+    def reserve(self, *, request_id: str, authorization: Authorization, images: int) -> None:
+        with self.lock:
+            if request_id in self.reserved or request_id in self.committed:
+                return
+            if self._used(authorization.subject) + images > self.daily:
+                raise RequestRejectedError("daily quota exhausted", reason="QUOTA_EXCEEDED")
+            self.reserved[request_id] = (authorization.subject, images)
+
+    def commit(self, request_id: str, images: int) -> None:
+        with self.lock:
+            if request_id in self.reserved:
+                user, _ = self.reserved.pop(request_id)
+                self.committed[request_id] = (user, images)
+
+    def release(self, request_id: str, reason: str) -> None:
+        with self.lock:
+            if self.reserved.pop(request_id, None) is not None:
+                self.released.add(request_id)
+
+    def remaining(self, authorization: Authorization) -> QuotaLeft:
+        with self.lock:
+            return QuotaLeft(day=self.daily - self._used(authorization.subject), month=None)
+
+
+class FakeEngine:
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.calls: list[list[ImageSpec]] = []
+        self.lock = threading.Lock()
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity(name="fake/z-image", revision="0", weights_sha256="0" * 64)
+
+    def generate(self, specs: Sequence[ImageSpec]) -> list[RawImage]:
+        with self.lock:
+            self.calls.append(list(specs))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return [
+            RawImage(
+                Image.new("RGB", (s.width, s.height), (s.seed % 256, 0, 0)),
+                s.seed,
+                s.width,
+                s.height,
+            )
+            for s in specs
+        ]
+
+
+class FakeEncoder:
+    def encode(
+        self, image: RawImage, *, request: GenerationRequest, model: ModelIdentity
+    ) -> EncodedImage:
+        buffer = io.BytesIO()
+        image.pixels.save(buffer, format="PNG")
+        return EncodedImage(
+            buffer.getvalue(), ImageFormat.PNG, image.width, image.height, image.seed
+        )
+
+
+class FakeStore:
+    def __init__(self, failures: int = 0) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.failures = failures
+        self.lock = threading.Lock()
+
+    def store(
+        self,
+        *,
+        request: GenerationRequest,
+        created_at: datetime,
+        images: Sequence[EncodedImage],
+        audit_record: Mapping[str, Any],
+    ) -> StoredOutputs:
+        import hashlib
+
+        with self.lock:
+            if self.failures:
+                self.failures -= 1
+                raise DependencyUnavailable("object store unreachable (fake)")
+            refs = []
+            for index, image in enumerate(images):
+                key = f"t/{request.request_id}/{index}.png"
+                self.objects[key] = image.data
+                refs.append(
+                    StoredObjectRef(
+                        "fake", key, None, hashlib.sha256(image.data).hexdigest(), len(image.data)
+                    )
+                )
+            self.objects[f"t/{request.request_id}/audit.json"] = b"{}"
+            return StoredOutputs(refs, f"t/{request.request_id}/audit.json")
+
+
+class FakeAudit:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+        self.lock = threading.Lock()
+
+    def append(
+        self, *, request_id: str, event_type: str, actor: str, payload: Mapping[str, Any]
+    ) -> None:
+        with self.lock:
+            self.events.append((request_id, event_type))

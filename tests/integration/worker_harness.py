@@ -1,0 +1,174 @@
+"""Run a Worker in-process against the real RabbitMQ, on a private set of names."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
+
+from tests.conftest import require_env, require_port
+from zimage_pipeline.broker import connect_robust
+from zimage_pipeline.observability import Metrics
+from zimage_pipeline.service import Ports, RequestService, ServiceConfig
+from zimage_pipeline.settings import BrokerSettings, Settings, WorkerSettings, load_settings
+from zimage_pipeline.worker.consumer import Worker
+
+
+def private_settings(**worker_overrides: Any) -> Settings:
+    """Local-stack settings with exchange/queue names unique to this test."""
+    require_env("ZIMAGE_BROKER__PASSWORD_FILE")
+    require_port("RabbitMQ", 5672)
+    tag = uuid.uuid4().hex[:10]
+    return load_settings(
+        broker={
+            "requests_exchange": f"zimage.t{tag}.requests",
+            "requests_queue": f"zimage.t{tag}.requests",
+            "results_exchange": f"zimage.t{tag}.results",
+            "dead_letter_exchange": f"zimage.t{tag}.dlx",
+            "heartbeat_s": 2,
+        },
+        worker={"http_port": 0, "retry_delays_s": [1], "shutdown_grace_s": 10, **worker_overrides},
+    )
+
+
+def client_password(user: str) -> str:
+    secrets = Path(require_env("ZIMAGE_TEST_SECRETS_DIR"))
+    return (secrets / f"amqp_{user}").read_text(encoding="utf-8").strip()
+
+
+@dataclass
+class Client:
+    """A publishing account (its AMQP user is validated by RabbitMQ) plus a results tap."""
+
+    user: str
+    connection: AbstractRobustConnection
+    channel: AbstractChannel
+    broker: BrokerSettings
+    results_queue: AbstractQueue
+    results: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+
+    async def publish(
+        self,
+        body: bytes | dict[str, Any],
+        *,
+        priority: str = "standard",
+        user_id: str | None = None,
+        routing_key: str | None = None,
+    ) -> None:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        exchange = await self.channel.get_exchange(self.broker.requests_exchange, ensure=False)
+        await exchange.publish(
+            aio_pika.Message(
+                raw,
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                user_id=user_id if user_id is not None else self.user,
+            ),
+            routing_key=routing_key or priority,
+        )
+
+    async def next_result(self, timeout: float = 30) -> dict[str, Any]:
+        return await asyncio.wait_for(self.results.get(), timeout)
+
+    async def result_of(self, request_id: str, timeout: float = 30) -> dict[str, Any]:
+        """The next result for `request_id`, skipping others' results on the shared tap."""
+        while True:
+            result = await self.next_result(timeout)
+            if result["request_id"] == request_id:
+                return result
+
+    async def results_for(self, count: int, timeout: float = 60) -> list[dict[str, Any]]:
+        return [await self.next_result(timeout) for _ in range(count)]
+
+
+@asynccontextmanager
+async def client(settings: Settings, user: str) -> AsyncIterator[Client]:
+    connection = await connect_robust(
+        settings.broker, login=user, password=client_password(user), name=f"test-client {user}"
+    )
+    channel = await connection.channel()
+    queue = await channel.declare_queue(exclusive=True)
+    exchange = await channel.get_exchange(settings.broker.results_exchange, ensure=False)
+    await queue.bind(exchange, routing_key="result.#")
+    c = Client(user, connection, channel, settings.broker, queue)
+
+    async def on_result(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        async with message.process():
+            await c.results.put(json.loads(message.body))
+
+    await queue.consume(on_result)
+    try:
+        yield c
+    finally:
+        await connection.close()
+
+
+@dataclass
+class RunningWorker:
+    worker: Worker
+    stop: asyncio.Event
+    task: asyncio.Task[int]
+    connection: AbstractRobustConnection
+
+
+@asynccontextmanager
+async def running_worker(settings: Settings, ports: Ports) -> AsyncIterator[RunningWorker]:
+    gpu = ThreadPoolExecutor(max_workers=1)
+    io = ThreadPoolExecutor(max_workers=4)
+    service = RequestService(
+        ports, ServiceConfig(worker_id="test-worker"), gpu_executor=gpu, io_executor=io
+    )
+    connection = await connect_robust(settings.broker, name="test-worker")
+    worker = Worker(
+        connection=connection,
+        broker=settings.broker,
+        settings=settings.worker,
+        service=service,
+        metrics=Metrics(),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run_until(stop))
+    for _ in range(100):
+        if worker.ready:
+            break
+        await asyncio.sleep(0.05)
+    try:
+        yield RunningWorker(worker, stop, task, connection)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await connection.close()
+        gpu.shutdown(wait=False)
+        io.shutdown(wait=False)
+
+
+async def delete_private_topology(settings: Settings, worker: WorkerSettings | None = None) -> None:
+    """Remove the test's queues and exchanges (they are durable)."""
+    b = settings.broker
+    connection = await connect_robust(b, name="test-cleanup")
+    async with connection:
+        channel = await connection.channel()
+        names = [
+            f"{b.requests_queue}.{p}" for p in ("interactive", "standard", "bulk", "control", "dlq")
+        ]
+        names += [f"{b.requests_queue}.retry.{d}s" for d in {1, *settings.worker.retry_delays_s}]
+        names.append(f"{b.results_exchange}.unrouted")
+        for name in names:
+            await channel.queue_delete(name)
+        for name in (
+            b.requests_exchange,
+            f"{b.requests_exchange}.retry",
+            b.results_exchange,
+            f"{b.results_exchange}.unrouted",
+            b.dead_letter_exchange,
+        ):
+            await channel.exchange_delete(name)

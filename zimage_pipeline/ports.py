@@ -1,0 +1,194 @@
+"""The ports the request service is written against.
+
+The core (messages, decoding, service, ports, errors) imports no I/O library; adapters
+in wiring.py bind these Protocols to the ledger, ldap3, the engine and boto3. Ports are
+synchronous on purpose: the service runs each call in a worker thread (a single GPU
+thread for the engine, a small pool for the rest), so no adapter can block the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+from zimage_pipeline.messages import GenerationRequest, ImageFormat, Priority
+
+
+class BeginKind(StrEnum):
+    NEW = "new"  # first attempt, or a takeover of an unfinished attempt
+    TERMINAL = "terminal"  # already answered: republish the stored result
+    CONFLICT = "conflict"  # same request_id, different payload
+
+
+@dataclass(frozen=True, slots=True)
+class JobBegin:
+    kind: BeginKind
+    attempts: int = 1
+    created_at: datetime | None = None
+    result: Mapping[str, Any] | None = None
+
+
+class Jobs(Protocol):
+    def begin(
+        self,
+        *,
+        request_id: str,
+        payload_sha256: str,
+        principal: str,
+        on_behalf_of: str,
+        worker_id: str,
+    ) -> JobBegin: ...
+
+    def mark(
+        self, request_id: str, status: str, *, roles_snapshot: Mapping[str, Any] | None = None
+    ) -> None: ...
+
+    def finish(
+        self, request_id: str, status: str, *, reason: str | None, result: Mapping[str, Any]
+    ) -> None: ...
+
+    def cancel(self, request_id: str, *, principal: str) -> bool:
+        """Cancel a request not yet started; True if it is (now) cancelled."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What the subject's roles allow, already combined (most generous wins)."""
+
+    generate: bool
+    delegate: bool
+    max_pixels: int
+    max_side: int
+    max_images: int
+    max_steps: int
+    formats: frozenset[ImageFormat]
+    priorities: frozenset[Priority]
+
+
+@dataclass(frozen=True, slots=True)
+class Authorization:
+    subject: str  # the user who is served and charged (on_behalf_of)
+    principal: str  # the account that published the request
+    limits: Limits
+    roles_snapshot: Mapping[str, Any]
+    quota_subjects: Any = None  # opaque to the core: passed back to Quota.reserve
+
+
+class Authorizer(Protocol):
+    def authorize(self, *, principal: str, on_behalf_of: str) -> Authorization:
+        """Directory + policy. Raises RequestRejectedError (unknown, disabled, no
+        delegation right) or a RETRY error when the directory is unreachable."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaLeft:
+    day: int | None
+    month: int | None
+
+
+class Quota(Protocol):
+    def reserve(self, *, request_id: str, authorization: Authorization, images: int) -> None: ...
+
+    def commit(self, request_id: str, images: int) -> None: ...
+
+    def release(self, request_id: str, reason: str) -> None: ...
+
+    def remaining(self, authorization: Authorization) -> QuotaLeft: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSpec:
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+
+
+@dataclass(frozen=True, slots=True)
+class RawImage:
+    """A generated image before encoding: opaque pixels (a PIL image) and its seed."""
+
+    pixels: Any
+    seed: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelIdentity:
+    name: str
+    revision: str | None
+    weights_sha256: str | None
+
+
+class Engine(Protocol):
+    @property
+    def identity(self) -> ModelIdentity: ...
+
+    def generate(self, specs: Sequence[ImageSpec]) -> list[RawImage]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedImage:
+    data: bytes
+    format: ImageFormat
+    width: int
+    height: int
+    seed: int
+
+
+class Encoder(Protocol):
+    def encode(
+        self, image: RawImage, *, request: GenerationRequest, model: ModelIdentity
+    ) -> EncodedImage:
+        """Encode to the requested format and embed provenance (XMP/IPTC, C2PA)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObjectRef:
+    bucket: str
+    key: str
+    version_id: str | None
+    sha256: str
+    size: int
+    url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredOutputs:
+    images: list[StoredObjectRef]
+    audit_record_key: str
+
+
+class Store(Protocol):
+    def store(
+        self,
+        *,
+        request: GenerationRequest,
+        created_at: datetime,
+        images: Sequence[EncodedImage],
+        audit_record: Mapping[str, Any],
+    ) -> StoredOutputs:
+        """Upload images then the audit record, checksummed, never overwriting other
+        content; identical content already there counts as success."""
+        ...
+
+
+class Audit(Protocol):
+    def append(
+        self, *, request_id: str, event_type: str, actor: str, payload: Mapping[str, Any]
+    ) -> None: ...
+
+
+@dataclass(slots=True)
+class Timings:
+    phases: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""The RabbitMQ worker: topology, scheduling, acks, confirms, retries and shutdown."""

@@ -1,0 +1,384 @@
+"""The aio-pika worker: consume, schedule, answer, publish (confirmed), then ack.
+
+A delivery is acknowledged only after its outcome is safely elsewhere: the result
+confirmed by the broker, the original confirmed in the DLQ, or a copy confirmed in a
+retry queue. A crash at any point therefore means redelivery, and the ledger turns a
+redelivery into a takeover or a republish, never into a second charge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import suppress
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+
+from zimage_pipeline.decoding import decode_cancel
+from zimage_pipeline.errors import Disposition, ZImageError
+from zimage_pipeline.messages import RESULT_SCHEMA, GenerationResult, Priority
+from zimage_pipeline.observability import Metrics, bind_job, unbind_job
+from zimage_pipeline.service import Outcome, RequestService
+from zimage_pipeline.settings import BrokerSettings, WorkerSettings
+from zimage_pipeline.worker.scheduler import FairScheduler
+from zimage_pipeline.worker.topology import (
+    DELAY_HEADER,
+    Topology,
+    declare_topology,
+    result_routing_key,
+)
+
+log = logging.getLogger(__name__)
+
+ATTEMPT_HEADER = "x-zimage-attempt"
+PRINCIPAL_HEADER = "x-zimage-principal"
+DEFER_DELAY_S = 1
+EXIT_FATAL = 70
+
+
+class InternalError(ZImageError):
+    """An unexpected exception: retried like a transient failure, then failed."""
+
+    disposition = Disposition.RETRY
+    reason = "INTERNAL_ERROR"
+
+
+@dataclass(slots=True)
+class _Delivery:
+    message: AbstractIncomingMessage
+    priority: Priority
+    principal: str | None
+    attempt: int
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        connection: AbstractRobustConnection,
+        broker: BrokerSettings,
+        settings: WorkerSettings,
+        service: RequestService,
+        metrics: Metrics,
+    ) -> None:
+        self._connection = connection
+        self._broker = broker
+        self._settings = settings
+        self._service = service
+        self._metrics = metrics
+        self._scheduler: FairScheduler[_Delivery] = FairScheduler(
+            max_buffered_per_principal=settings.max_buffered_per_principal
+        )
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._in_flight: dict[asyncio.Task[None], _Delivery] = {}
+        self._consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
+        self._topology: Topology | None = None
+        self._publish_channel: AbstractRobustChannel | None = None
+        self._stopping = False
+        self.fatal: ZImageError | None = None
+        self.ready = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        consume_channel = await self._connection.channel()
+        await consume_channel.set_qos(prefetch_count=self._settings.prefetch)
+        self._topology = await declare_topology(consume_channel, self._broker, self._settings)
+        # Publishing on its own channel, with confirms: a result is "sent" only when the
+        # broker has taken responsibility for it.
+        self._publish_channel = await self._connection.channel(publisher_confirms=True)
+        topo = self._topology
+        for priority, queue in topo.priority_queues.items():
+            tag = await queue.consume(self._on_request_for(priority))
+            self._consumers.append((queue, tag))
+        tag = await topo.control_queue.consume(self._on_control)
+        self._consumers.append((topo.control_queue, tag))
+        self.ready = True
+        log.info(
+            "worker consuming", extra={"fields": {"queues": [q.name for q, _ in self._consumers]}}
+        )
+
+    async def run_until(self, stop: asyncio.Event) -> int:
+        """Dispatch until `stop` is set (SIGTERM) or a fatal error; then drain."""
+        await self.start()
+        dispatcher = asyncio.create_task(self._dispatch_loop())
+        stop_waiter = asyncio.create_task(stop.wait())
+        await asyncio.wait({dispatcher, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+        await self.shutdown()
+        dispatcher.cancel()
+        stop_waiter.cancel()
+        with suppress(asyncio.CancelledError):
+            await dispatcher
+        return EXIT_FATAL if self.fatal is not None else 0
+
+    async def shutdown(self) -> None:
+        """Stop consuming, give in-flight work the grace period, requeue the rest."""
+        self._stopping = True
+        self.ready = False
+        for queue, tag in self._consumers:
+            with suppress(Exception):
+                await queue.cancel(tag)
+        for delivery in self._scheduler.drain():
+            await self._nack_requeue(delivery)
+        self._metrics.buffered.set(0)
+        if self._in_flight:
+            log.info("draining %d in-flight request(s)", len(self._in_flight))
+            _, pending = await asyncio.wait(
+                set(self._in_flight), timeout=self._settings.shutdown_grace_s
+            )
+            for task in pending:
+                delivery = self._in_flight.pop(task)
+                log.warning("grace period over: requeueing an unfinished request")
+                await self._nack_requeue(delivery)
+                task.cancel()
+
+    # -- receiving ---------------------------------------------------------------------
+
+    def _principal_of(self, message: AbstractIncomingMessage) -> str | None:
+        # A retried or deferred copy is republished by a worker under the worker's own
+        # (broker-validated) user_id, carrying the original publisher in a header. Only a
+        # message that the broker says came from our own account may name a principal.
+        headers = message.headers or {}
+        if message.user_id == self._broker.username and PRINCIPAL_HEADER in headers:
+            value = headers[PRINCIPAL_HEADER]
+            return value.decode() if isinstance(value, bytes) else str(value)
+        return message.user_id
+
+    def _on_request_for(self, priority: Priority):  # type: ignore[no-untyped-def]
+        async def on_request(message: AbstractIncomingMessage) -> None:
+            attempt = _attempt_of(message)
+            delivery = _Delivery(message, priority, self._principal_of(message), attempt)
+            if self._stopping:
+                await self._nack_requeue(delivery)
+                return
+            if not self._scheduler.offer(
+                delivery, priority=priority, principal=_fairness_key(delivery)
+            ):
+                await self._send_to_back(delivery)
+                return
+            self._metrics.buffered.set(len(self._scheduler))
+            self._wakeup.set()
+
+        return on_request
+
+    async def _on_control(self, message: AbstractIncomingMessage) -> None:
+        principal = self._principal_of(message)
+        try:
+            cancel = decode_cancel(message.body, max_bytes=self._settings.max_body_bytes)
+            cancelled = await self._service.cancel(cancel.request_id, principal=principal or "")
+            log.info(
+                "cancel %s",
+                "applied" if cancelled else "refused (started, finished or not yours)",
+                extra={"fields": {"request_id": cancel.request_id, "user": principal}},
+            )
+            await message.ack()
+        except ZImageError as exc:
+            if exc.disposition is Disposition.RETRY:
+                await message.nack(requeue=True)
+                return
+            await self._dead_letter(message, reason=exc.reason, error=str(exc))
+            await message.ack()
+
+    # -- dispatching -------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while not self._stopping:
+            await self._slots.acquire()
+            delivery = self._scheduler.take()
+            while delivery is None:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                delivery = self._scheduler.take()
+            self._metrics.buffered.set(len(self._scheduler))
+            task = asyncio.create_task(self._process(delivery))
+            self._in_flight[task] = delivery
+            self._metrics.in_flight.set(len(self._in_flight))
+            task.add_done_callback(self._on_task_done)
+            if self.fatal is not None:
+                return
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task, None)
+        self._metrics.in_flight.set(len(self._in_flight))
+        self._slots.release()
+
+    async def _process(self, delivery: _Delivery) -> None:
+        message = delivery.message
+        token = bind_job(user=delivery.principal or "?")
+        try:
+            try:
+                outcome = await self._service.handle(message.body, principal=delivery.principal)
+            except ZImageError as exc:
+                await self._on_error(delivery, exc)
+                return
+            except Exception as exc:
+                log.exception("unexpected error while handling a request")
+                await self._on_error(delivery, InternalError(f"{type(exc).__name__}: {exc}"))
+                return
+            await self._answer(delivery, outcome)
+        finally:
+            unbind_job(token)
+
+    async def _answer(self, delivery: _Delivery, outcome: Outcome) -> None:
+        result = outcome.result
+        token = bind_job(request_id=result.request_id)
+        try:
+            if outcome.dead_letter:
+                await self._dead_letter(
+                    delivery.message, reason=result.reason or "REJECTED", error=result.message or ""
+                )
+            await self._publish_result(result)
+            self._metrics.jobs.labels(result.status.value, result.reason or "").inc()
+            for phase, seconds in result.timings_s.items():
+                self._metrics.phase_seconds.labels(phase).observe(seconds)
+            if not outcome.republished:
+                self._metrics.images.inc(len(result.images))
+            log.info(
+                "answered %s%s",
+                result.status.value,
+                f" ({result.reason})" if result.reason else "",
+                extra={"fields": {"republished": outcome.republished}},
+            )
+            await self._ack(delivery)
+        finally:
+            unbind_job(token)
+
+    async def _on_error(self, delivery: _Delivery, error: ZImageError) -> None:
+        if error.disposition is Disposition.FATAL:
+            log.critical("fatal error, stopping the worker: %s", error)
+            self.fatal = error
+            await self._nack_requeue(delivery)
+            self._stopping = True
+            self._wakeup.set()
+            return
+        attempt = delivery.attempt + 1
+        if attempt >= self._settings.max_attempts:
+            log.error("retry budget spent (%d attempts): %s", attempt, error)
+            outcome = await self._service.release_after_retries(
+                delivery.message.body, principal=delivery.principal or "", error=error
+            )
+            await self._answer(delivery, outcome)
+            return
+        delays = self._settings.retry_delays_s
+        delay_s = delays[min(attempt - 1, len(delays) - 1)]
+        log.warning("transient failure, retrying in %ds (attempt %d): %s", delay_s, attempt, error)
+        self._metrics.retries.labels(error.reason).inc()
+        await self._republish_delayed(
+            delivery, delay_s=delay_s, attempt=attempt, reason=error.reason
+        )
+        await self._ack(delivery)
+
+    # -- publishing --------------------------------------------------------------------
+
+    def _require_topology(self) -> Topology:
+        if self._topology is None:
+            raise RuntimeError("worker not started")
+        return self._topology
+
+    async def _publish_result(self, result: GenerationResult) -> None:
+        message = aio_pika.Message(
+            result.to_json_bytes(),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=result.request_id or None,
+            type=RESULT_SCHEMA,
+            headers={"status": result.status.value, "reason": result.reason or ""},
+        )
+        exchange = await self._publish_exchange(self._require_topology().results.name)
+        await exchange.publish(
+            message,
+            routing_key=result_routing_key(result.status.value, result.reason),
+            mandatory=True,
+        )
+
+    async def _publish_exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
+        assert self._publish_channel is not None
+        return await self._publish_channel.get_exchange(name, ensure=False)
+
+    async def _dead_letter(
+        self, message: AbstractIncomingMessage, *, reason: str, error: str
+    ) -> None:
+        copy = aio_pika.Message(
+            message.body,
+            content_type=message.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            headers={
+                **(message.headers or {}),
+                "x-zimage-reason": reason,
+                "x-zimage-error": error[:1000],
+                "x-zimage-original-routing-key": message.routing_key or "",
+                "x-zimage-original-user-id": message.user_id or "",
+            },
+        )
+        exchange = await self._publish_exchange(self._require_topology().dead_letter.name)
+        await exchange.publish(copy, routing_key=message.routing_key or "", mandatory=True)
+
+    async def _republish_delayed(
+        self, delivery: _Delivery, *, delay_s: int, attempt: int, reason: str
+    ) -> None:
+        message = delivery.message
+        copy = aio_pika.Message(
+            message.body,
+            content_type=message.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            user_id=self._broker.username,
+            headers={
+                **(message.headers or {}),
+                DELAY_HEADER: f"{delay_s}s",
+                ATTEMPT_HEADER: attempt,
+                PRINCIPAL_HEADER: delivery.principal or "",
+                "x-zimage-last-reason": reason,
+            },
+        )
+        exchange = await self._publish_exchange(self._require_topology().retry.name)
+        await exchange.publish(copy, routing_key=message.routing_key or "", mandatory=True)
+
+    async def _send_to_back(self, delivery: _Delivery) -> None:
+        """Fairness: this principal has its share waiting; requeue behind everyone else."""
+        try:
+            await self._republish_delayed(
+                delivery, delay_s=DEFER_DELAY_S, attempt=delivery.attempt, reason="DEFERRED"
+            )
+        except Exception:
+            log.exception("could not defer a delivery; requeueing it")
+            await self._nack_requeue(delivery)
+            return
+        await self._ack(delivery)
+
+    async def _ack(self, delivery: _Delivery) -> None:
+        try:
+            await delivery.message.ack()
+        except Exception as exc:  # channel gone (broker restart): it will be redelivered
+            log.warning("ack failed, the delivery will be redelivered: %s", exc)
+
+    async def _nack_requeue(self, delivery: _Delivery) -> None:
+        try:
+            await delivery.message.nack(requeue=True)
+        except Exception as exc:
+            log.warning("nack failed, the delivery will be redelivered: %s", exc)
+
+
+def _attempt_of(message: AbstractIncomingMessage) -> int:
+    value = (message.headers or {}).get(ATTEMPT_HEADER, 0)
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+def _fairness_key(delivery: _Delivery) -> str:
+    """The end user a request is for (fairness is per person served), else the publisher."""
+    try:
+        document = json.loads(delivery.message.body)
+    except ValueError:
+        return delivery.principal or "?"
+    if isinstance(document, dict) and isinstance(document.get("on_behalf_of"), str):
+        return str(document["on_behalf_of"])
+    return delivery.principal or "?"

@@ -1,0 +1,72 @@
+"""`zimage-pipeline worker`: wire settings, adapters, the service and the consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+from zimage_pipeline.broker import connect_robust
+from zimage_pipeline.observability import Metrics
+from zimage_pipeline.service import Ports, RequestService, ServiceConfig
+from zimage_pipeline.settings import Settings
+from zimage_pipeline.worker.consumer import Worker
+from zimage_pipeline.worker.health import HealthServer
+
+log = logging.getLogger(__name__)
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+async def run_worker(settings: Settings, ports: Ports, *, stop: asyncio.Event | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or `stop`); exit code 0, or 70 after a fatal error."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    worker_id = settings.worker.worker_id or default_worker_id()
+    metrics = Metrics()
+    # One GPU thread: the engine is not re-entrant and the GPU is one device. A small
+    # pool for the blocking I/O adapters (ledger, ldap3, boto3, image encoding).
+    gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zimage-gpu")
+    io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="zimage-io")
+    service = RequestService(
+        ports,
+        ServiceConfig(worker_id=worker_id, max_body_bytes=settings.worker.max_body_bytes),
+        gpu_executor=gpu,
+        io_executor=io,
+    )
+    connection = await connect_robust(settings.broker, name=f"zimage-worker {worker_id}")
+    worker = Worker(
+        connection=connection,
+        broker=settings.broker,
+        settings=settings.worker,
+        service=service,
+        metrics=metrics,
+    )
+    health: HealthServer | None = None
+    if settings.worker.http_port:
+        health = HealthServer(
+            registry=metrics.registry,
+            is_ready=lambda: worker.ready and not connection.is_closed,
+            host=settings.worker.http_host,
+            port=settings.worker.http_port,
+        )
+        await health.start()
+    log.info("worker %s starting", worker_id)
+    try:
+        code = await worker.run_until(stop)
+    finally:
+        if health is not None:
+            await health.stop()
+        await connection.close()
+        io.shutdown(wait=False, cancel_futures=True)
+        gpu.shutdown(wait=False, cancel_futures=True)
+    log.info("worker %s stopped (exit %d)", worker_id, code)
+    return code

@@ -1,0 +1,131 @@
+"""RabbitMQ topology, declared (idempotently) by every worker and by `submit`.
+
+    requests exchange (direct) --interactive--> <queue>.interactive  (quorum)
+                                --standard-----> <queue>.standard     (quorum)
+                                --bulk---------> <queue>.bulk         (quorum)
+                                --cancel-------> <queue>.control      (quorum)
+    retry exchange (headers, x-zimage-delay) -> <queue>.retry.<N>s (TTL N s)
+                                   --dead-letter, original routing key--> requests exchange
+    dead-letter exchange (fanout) -> <queue>.dlq (quorum)
+    results exchange (topic, routing key result.<status>[.<reason>])
+        alternate exchange -> <results>.unrouted (quorum): a result nobody bound for is kept
+
+Priorities: RabbitMQ 3.x quorum queues have no message priorities, so each priority
+class is its own queue and the worker's scheduler serves interactive first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+from zimage_pipeline.messages import Priority
+from zimage_pipeline.settings import BrokerSettings, WorkerSettings
+
+CANCEL_ROUTING_KEY = "cancel"
+DELAY_HEADER = "x-zimage-delay"
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    requests: AbstractExchange
+    retry: AbstractExchange
+    dead_letter: AbstractExchange
+    results: AbstractExchange
+    priority_queues: dict[Priority, AbstractQueue]
+    control_queue: AbstractQueue
+    dlq: AbstractQueue
+
+
+def retry_queue_name(broker: BrokerSettings, delay_s: int) -> str:
+    return f"{broker.requests_queue}.retry.{delay_s}s"
+
+
+def result_routing_key(status: str, reason: str | None) -> str:
+    if reason:
+        return f"result.{status}.{reason.lower()}"
+    return f"result.{status}"
+
+
+async def declare_exchanges(
+    channel: AbstractChannel, broker: BrokerSettings
+) -> tuple[AbstractExchange, AbstractExchange]:
+    """What a publishing client needs: the requests and results exchanges."""
+    unrouted = await channel.declare_exchange(
+        f"{broker.results_exchange}.unrouted", aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    unrouted_queue = await channel.declare_queue(
+        f"{broker.results_exchange}.unrouted",
+        durable=True,
+        arguments={"x-queue-type": "quorum"},
+    )
+    await unrouted_queue.bind(unrouted)
+    results = await channel.declare_exchange(
+        broker.results_exchange,
+        aio_pika.ExchangeType.TOPIC,
+        durable=True,
+        arguments={"alternate-exchange": unrouted.name},
+    )
+    requests = await channel.declare_exchange(
+        broker.requests_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+    )
+    return requests, results
+
+
+async def declare_topology(
+    channel: AbstractChannel, broker: BrokerSettings, worker: WorkerSettings
+) -> Topology:
+    requests, results = await declare_exchanges(channel, broker)
+    dead_letter = await channel.declare_exchange(
+        broker.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    dlq = await channel.declare_queue(
+        f"{broker.requests_queue}.dlq", durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await dlq.bind(dead_letter)
+
+    quorum_args: dict[str, aio_pika.abc.FieldValue] = {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": dead_letter.name,
+        # A message whose processing kills the worker again and again is dead-lettered
+        # after this many deliveries instead of crash-looping the fleet.
+        "x-delivery-limit": worker.delivery_limit,
+    }
+    priority_queues: dict[Priority, AbstractQueue] = {}
+    for priority in Priority:
+        queue = await channel.declare_queue(
+            f"{broker.requests_queue}.{priority.value}", durable=True, arguments=quorum_args
+        )
+        await queue.bind(requests, routing_key=priority.value)
+        priority_queues[priority] = queue
+    control = await channel.declare_queue(
+        f"{broker.requests_queue}.control", durable=True, arguments=quorum_args
+    )
+    await control.bind(requests, routing_key=CANCEL_ROUTING_KEY)
+
+    retry = await channel.declare_exchange(
+        f"{broker.requests_exchange}.retry", aio_pika.ExchangeType.HEADERS, durable=True
+    )
+    for delay_s in sorted({*worker.retry_delays_s, 1}):
+        queue = await channel.declare_queue(
+            retry_queue_name(broker, delay_s),
+            durable=True,
+            arguments={
+                "x-message-ttl": delay_s * 1000,
+                # No dead-letter routing key: the message returns to the requests
+                # exchange with its original routing key, i.e. its priority queue.
+                "x-dead-letter-exchange": requests.name,
+            },
+        )
+        await queue.bind(retry, arguments={"x-match": "all", DELAY_HEADER: f"{delay_s}s"})
+    return Topology(
+        requests=requests,
+        retry=retry,
+        dead_letter=dead_letter,
+        results=results,
+        priority_queues=priority_queues,
+        control_queue=control,
+        dlq=dlq,
+    )

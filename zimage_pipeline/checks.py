@@ -146,7 +146,7 @@ def check_directory(settings: Settings) -> CheckResult:
 
 
 def check_object_store(settings: Settings) -> CheckResult:
-    from zimage_pipeline.storage_client import make_s3_client
+    from zimage_pipeline.storage.client import make_s3_client
 
     cfg = settings.storage
     secrets: list[SecretStr | None] = []

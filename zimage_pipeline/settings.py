@@ -146,6 +146,11 @@ class StorageSettings(_Section):
     connect_timeout_s: float = Field(default=3.0, gt=0)
     read_timeout_s: float = Field(default=30.0, gt=0)
     presign_ttl_s: int = Field(default=0, ge=0)
+    conditional_writes: bool = True
+    max_attempts: int = Field(default=5, ge=1)
+    retry_budget_s: float = Field(default=30.0, gt=0)
+    backoff_base_s: float = Field(default=0.2, ge=0)
+    backoff_max_s: float = Field(default=5.0, ge=0)
 
     def resolved_credentials(self) -> tuple[SecretStr, SecretStr] | None:
         """Static keys, or None to let boto3 find an instance role / its own chain."""
@@ -162,6 +167,73 @@ class StorageSettings(_Section):
         if key_id is None or secret is None:
             raise ConfigError("storage: access_key_id and secret_access_key must be set together")
         return key_id, secret
+
+
+class C2paAlgorithm(StrEnum):
+    ES256 = "es256"
+    ES384 = "es384"
+    ES512 = "es512"
+    PS256 = "ps256"
+    PS384 = "ps384"
+    PS512 = "ps512"
+    ED25519 = "ed25519"
+
+
+class ProvenanceSettings(_Section):
+    creator_tool: str = "zimage-pipeline"
+    c2pa_enabled: bool = False
+    c2pa_algorithm: C2paAlgorithm = C2paAlgorithm.ES256
+    c2pa_cert_chain_file: Path | None = None
+    c2pa_private_key: SecretStr | None = None
+    c2pa_private_key_file: Path | None = None
+    c2pa_timestamp_url: str | None = None
+    c2pa_trust_anchors_file: Path | None = None
+    c2pa_thumbnail: bool = False
+
+    @model_validator(mode="after")
+    def _signing_material(self) -> Self:
+        if self.c2pa_enabled and self.c2pa_cert_chain_file is None:
+            raise ValueError("provenance.c2pa_enabled needs provenance.c2pa_cert_chain_file")
+        if (
+            self.c2pa_enabled
+            and self.c2pa_private_key is None
+            and self.c2pa_private_key_file is None
+        ):
+            raise ValueError(
+                "provenance.c2pa_enabled needs ZIMAGE_PROVENANCE__C2PA_PRIVATE_KEY "
+                "or provenance.c2pa_private_key_file"
+            )
+        return self
+
+    def resolved_private_key(self) -> SecretStr | None:
+        if self.c2pa_private_key is not None:
+            return self.c2pa_private_key
+        if self.c2pa_private_key_file is not None:
+            return read_secret_file(
+                self.c2pa_private_key_file, setting="provenance.c2pa_private_key_file"
+            )
+        return None
+
+
+class PromptRetention(StrEnum):
+    KEEP = "keep"  # prompt text kept beside its hash
+    HASH = "hash"  # only the SHA-256 of the prompt is ever stored
+    REDACT = "redact"  # text kept for prompt_redact_after_days, then removed
+
+
+class LockMode(StrEnum):
+    GOVERNANCE = "GOVERNANCE"
+    COMPLIANCE = "COMPLIANCE"
+
+
+class AuditSettings(_Section):
+    prompt_retention: PromptRetention = PromptRetention.KEEP
+    prompt_redact_after_days: int = Field(default=30, ge=0)
+    anchor_interval_s: float = Field(default=300.0, gt=0)
+    anchor_prefix: str = "audit-anchors"
+    anchor_lock_mode: LockMode = LockMode.COMPLIANCE
+    anchor_retention_days: int = Field(default=2555, ge=1)
+    export_signing_key_file: Path | None = None
 
 
 class MemoryMode(StrEnum):
@@ -211,6 +283,8 @@ class Settings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     directory: DirectorySettings = DirectorySettings()
     storage: StorageSettings = StorageSettings()
+    provenance: ProvenanceSettings = ProvenanceSettings()
+    audit: AuditSettings = AuditSettings()
     engine: EngineSettings = EngineSettings()
     worker: WorkerSettings = WorkerSettings()
     logging: LoggingSettings = LoggingSettings()

@@ -1,0 +1,251 @@
+"""ObjectStore: checksummed, never-overwriting uploads to any S3-compatible store.
+
+Every upload sends its SHA-256 (`x-amz-checksum-sha256`), which the store verifies before
+it accepts the object, and is conditional (`If-None-Match: *`): an object, once written,
+is never replaced. When the key is taken, the existing object's checksum decides: the
+same bytes (a retry after a crash or a lost response) count as success, different bytes
+raise ObjectConflictError. For stores without conditional writes
+(`storage.conditional_writes = false`) the same check is done by a HEAD before the PUT,
+with the small race that implies.
+
+Transient failures (5xx, throttling, timeouts, dropped connections) are retried with
+capped exponential backoff and full jitter, within `storage.max_attempts` and
+`storage.retry_budget_s`; after that, or on a permanent refusal, StorageFailedError.
+All calls are synchronous: the worker runs them in its I/O thread pool.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from zimage_pipeline.settings import StorageSettings
+from zimage_pipeline.storage import wire
+from zimage_pipeline.storage.client import make_s3_client
+from zimage_pipeline.storage.errors import ObjectConflictError, StorageFailedError
+from zimage_pipeline.storage.keys import safe_id
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+T = TypeVar("T")
+MAX_PRESIGN_TTL_S = 7 * 24 * 3600  # SigV4 presigned URLs live at most seven days
+_jitter = secrets.SystemRandom()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    bucket: str
+    key: str
+    version_id: str | None
+    sha256: str  # hex
+    size: int
+
+
+def checked_key(key: str) -> str:
+    """Every segment of a key must be a safe id (no empty segment, no `..`)."""
+    return "/".join(safe_id(part) for part in key.split("/"))
+
+
+class ObjectStore:
+    def __init__(
+        self,
+        settings: StorageSettings,
+        *,
+        client: S3Client | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.client: S3Client = client or make_s3_client(settings, max_attempts=1)
+        self._sleep = sleep
+        self._clock = clock
+        self._lock_enabled: dict[str, bool] = {}
+
+    # -- uploads ---------------------------------------------------------------------
+
+    def put_object(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str,
+        metadata: Mapping[str, str],
+        tags: Mapping[str, str],
+        bucket: str | None = None,
+        retain_until: datetime | None = None,
+        lock_mode: str | None = None,
+    ) -> StoredObject:
+        """Upload `data` under `key` once; identical content already there is success."""
+        bucket = bucket or self.settings.bucket
+        key = checked_key(key)
+        sha_hex, sha_b64 = wire.sha256_digests(data)
+        params: dict[str, Any] = {
+            "Bucket": bucket,
+            "Key": key,
+            "Body": data,
+            "ContentType": content_type,
+            "ChecksumSHA256": sha_b64,
+            # Our own copy of the digest: the fallback when a store keeps no checksum.
+            "Metadata": wire.encode_metadata({**metadata, "sha256": sha_hex}),
+        }
+        if tags:
+            params["Tagging"] = wire.encode_tags(tags)
+        if retain_until is not None:
+            params["ObjectLockMode"] = lock_mode or "COMPLIANCE"
+            params["ObjectLockRetainUntilDate"] = retain_until
+        if self.settings.conditional_writes:
+            params["IfNoneMatch"] = "*"
+
+        def attempt() -> StoredObject:
+            if not self.settings.conditional_writes:
+                existing = self._existing(bucket, key, sha_hex, sha_b64)
+                if existing is not None:
+                    return existing
+            try:
+                response = self.client.put_object(**params)
+            except ClientError as exc:
+                if not wire.is_precondition_failed(exc):
+                    raise
+                existing = self._existing(bucket, key, sha_hex, sha_b64)
+                if existing is None:  # deleted between the PUT and the HEAD: give up loudly
+                    raise StorageFailedError(f"s3://{bucket}/{key}: vanished") from exc
+                return existing
+            returned = response.get("ChecksumSHA256")
+            if returned is not None and returned != sha_b64:
+                raise StorageFailedError(f"s3://{bucket}/{key}: store reports another checksum")
+            if returned is None:
+                # The store did not confirm the checksum: read it back before trusting it.
+                existing = self._existing(bucket, key, sha_hex, sha_b64)
+                if existing is None:
+                    raise StorageFailedError(f"s3://{bucket}/{key}: not found after upload")
+                return existing
+            return StoredObject(bucket, key, response.get("VersionId"), sha_hex, len(data))
+
+        return self._retrying(f"put s3://{bucket}/{key}", attempt)
+
+    def put_json(
+        self,
+        key: str,
+        obj: Any,
+        *,
+        bucket: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
+        retain_until: datetime | None = None,
+        lock_mode: str | None = None,
+    ) -> StoredObject:
+        """Canonical JSON (sorted keys, UTF-8), so the same record always has the same
+        bytes and a retry after a crash is recognised as identical."""
+        data = canonical_json(obj)
+        return self.put_object(
+            key,
+            data,
+            content_type="application/json",
+            metadata=metadata or {},
+            tags=tags or {},
+            bucket=bucket,
+            retain_until=retain_until,
+            lock_mode=lock_mode,
+        )
+
+    def _existing(self, bucket: str, key: str, sha_hex: str, sha_b64: str) -> StoredObject | None:
+        """The object at `key` if it holds our bytes, None if absent; conflict otherwise."""
+        try:
+            head = self.client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        except ClientError as exc:
+            if wire.http_status(exc) == 404 or wire.error_code(exc) in ("404", "NoSuchKey"):
+                return None
+            raise
+        their_b64 = head.get("ChecksumSHA256")
+        their_hex = head.get("Metadata", {}).get("sha256")
+        if their_b64 is not None and "-" not in their_b64:
+            same = their_b64 == sha_b64
+        elif their_hex is not None:
+            same = their_hex == sha_hex
+        else:  # neither kept: hash the bytes themselves
+            same = wire.sha256_digests(self.get_object(key, bucket=bucket))[0] == sha_hex
+        if not same:
+            raise ObjectConflictError(f"s3://{bucket}/{key} already holds different content")
+        return StoredObject(
+            bucket, key, head.get("VersionId"), sha_hex, int(head.get("ContentLength", 0))
+        )
+
+    # -- reads -----------------------------------------------------------------------
+
+    def get_object(self, key: str, *, bucket: str | None = None) -> bytes:
+        bucket = bucket or self.settings.bucket
+
+        def attempt() -> bytes:
+            response = self.client.get_object(Bucket=bucket, Key=key)
+            return response["Body"].read()
+
+        return self._retrying(f"get s3://{bucket}/{key}", attempt)
+
+    def list_keys(self, prefix: str, *, bucket: str | None = None) -> Iterator[str]:
+        """Keys under `prefix`, in the store's (lexicographic) order."""
+        bucket = bucket or self.settings.bucket
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    yield item["Key"]
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageFailedError(f"list s3://{bucket}/{prefix}: {wire.describe(exc)}") from exc
+
+    def presign_get(self, key: str, ttl_s: int, *, bucket: str | None = None) -> str:
+        """A GET URL valid for `ttl_s` seconds (1 s to 7 days); signing is local, no I/O."""
+        if not 1 <= ttl_s <= MAX_PRESIGN_TTL_S:
+            raise StorageFailedError(f"presign ttl {ttl_s}s outside 1..{MAX_PRESIGN_TTL_S}")
+        return self.client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": bucket or self.settings.bucket, "Key": checked_key(key)},
+            ExpiresIn=ttl_s,
+        )
+
+    def object_lock_enabled(self, bucket: str) -> bool:
+        """Whether `bucket` has Object Lock on (it can only be set at bucket creation)."""
+        if bucket not in self._lock_enabled:
+            try:
+                response = self.client.get_object_lock_configuration(Bucket=bucket)
+                config = response.get("ObjectLockConfiguration", {})
+                self._lock_enabled[bucket] = config.get("ObjectLockEnabled") == "Enabled"
+            except ClientError:
+                # Not configured, or a store that does not implement Object Lock at all.
+                self._lock_enabled[bucket] = False
+            except BotoCoreError as exc:
+                raise StorageFailedError(f"s3://{bucket}: {wire.describe(exc)}") from exc
+        return self._lock_enabled[bucket]
+
+    # -- retries ---------------------------------------------------------------------
+
+    def _retrying(self, what: str, operation: Callable[[], T]) -> T:
+        cfg = self.settings
+        deadline = self._clock() + cfg.retry_budget_s
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return operation()
+            except (ObjectConflictError, StorageFailedError):
+                raise
+            except (ClientError, BotoCoreError) as exc:
+                delay = _jitter.uniform(0, min(cfg.backoff_max_s, cfg.backoff_base_s * 2**attempt))
+                out_of_budget = attempt >= cfg.max_attempts or self._clock() + delay > deadline
+                if not wire.is_transient(exc) or out_of_budget:
+                    tries = f"after {attempt} attempt{'s' if attempt > 1 else ''}"
+                    raise StorageFailedError(f"{what}: {wire.describe(exc)} {tries}") from exc
+                self._sleep(delay)
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")

@@ -11,6 +11,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from zimage_pipeline.engine.tiny import DEFAULT_SEED as TINY_MODEL_SEED
 from zimage_pipeline.errors import ConfigError, NotYetAvailable
 from zimage_pipeline.settings import Settings, load_settings
 
@@ -196,9 +197,15 @@ def audit_export(config: ConfigOption = None) -> None:
 
 
 @model_app.command("make-tiny")
-def model_make_tiny(directory: Path) -> None:
+def model_make_tiny(
+    directory: Path,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = TINY_MODEL_SEED,
+    force: Annotated[bool, typer.Option(help="Replace a non-empty DIRECTORY.")] = False,
+) -> None:
     """Build a tiny random-weight Z-Image pipeline in diffusers layout in DIRECTORY."""
-    _not_available("model make-tiny", "the Turbo engine, issue #5")
+    from zimage_pipeline.engine.commands import make_tiny_command
+
+    make_tiny_command(directory, seed=seed, force=force)
 
 
 def main() -> None:

@@ -249,6 +249,9 @@ class EngineSettings(_Section):
     attention_backend: str = "sdpa"
     max_batch: int = Field(default=4, ge=1)
     default_steps: int = Field(default=8, ge=1)
+    revision: str | None = None
+    compile: bool = True
+    compile_mode: str = ""
 
 
 class WorkerSettings(_Section):

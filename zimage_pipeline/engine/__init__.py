@@ -1,0 +1,89 @@
+"""The Turbo engine: Z-Image-Turbo through diffusers' ZImagePipeline.
+
+    engine = load_engine(EngineConfig.from_settings(settings.engine))
+    engine.warmup()                                   # compiles before the first request
+    images = engine.generate([GenerationSpec("a fox", seed=7)])
+    data = encode_image(images[0].image, format="webp", quality=90)   # any thread
+
+Importing this package does not import torch; load_engine does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from zimage_pipeline.engine.config import EngineConfig, Placement, compute_dtype, resolve_device
+from zimage_pipeline.engine.encode import encode_image
+from zimage_pipeline.engine.engine import TurboEngine
+from zimage_pipeline.engine.errors import (
+    DeviceFailure,
+    GenerationFailed,
+    GpuOutOfMemory,
+    InvalidGenerationSpec,
+    ModelLoadError,
+    UnsupportedModelLayout,
+)
+from zimage_pipeline.engine.identity import ModelIdentity, identify
+from zimage_pipeline.engine.types import GeneratedImage, GenerationSpec, StageTimings
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DeviceFailure",
+    "EngineConfig",
+    "GeneratedImage",
+    "GenerationFailed",
+    "GenerationSpec",
+    "GpuOutOfMemory",
+    "InvalidGenerationSpec",
+    "ModelIdentity",
+    "ModelLoadError",
+    "Placement",
+    "StageTimings",
+    "TurboEngine",
+    "UnsupportedModelLayout",
+    "encode_image",
+    "load_engine",
+]
+
+
+def load_engine(config: EngineConfig) -> TurboEngine:
+    """Locate, identify, load, place and optimize the model (no warmup; call warmup()).
+
+    Every failure here is fatal for the worker (UnsupportedModelLayout, ModelLoadError,
+    ConfigError): it cannot serve without a model.
+    """
+    from zimage_pipeline.engine.loader import (
+        load_pipeline,
+        locate_model,
+        place,
+        set_attention_backend,
+    )
+    from zimage_pipeline.engine.optimize import compile_pipeline
+
+    start = time.perf_counter()
+    device = resolve_device(config.device)
+    location = locate_model(config)
+    identity = identify(
+        location.directory, name=location.name, revision=location.revision, source=location.source
+    )
+    pipe = load_pipeline(location, dtype=compute_dtype(device))
+    place(pipe, device=device, memory_mode=config.memory_mode)
+    set_attention_backend(pipe, config.attention_backend)
+    compiled = False
+    if config.compile and device.type == "cuda":
+        if config.memory_mode is Placement.SEQUENTIAL_OFFLOAD:
+            log.warning("engine.compile ignored with sequential offload (weights move per layer)")
+        else:
+            compile_pipeline(pipe, mode=config.compile_mode)
+            compiled = True
+    log.info(
+        "model %s (revision %s, sha256 %s) on %s in %.1fs",
+        identity.name,
+        identity.revision,
+        identity.weights_sha256[:16],
+        device,
+        time.perf_counter() - start,
+    )
+    return TurboEngine(pipe, config=config, device=device, identity=identity, compiled=compiled)

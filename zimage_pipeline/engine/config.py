@@ -1,0 +1,89 @@
+"""The engine's own configuration: a plain dataclass, built from EngineSettings.
+
+Kept free of pydantic so that the benchmark can drive the engine on a machine that has
+torch and diffusers but not the rest of the project's dependencies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from zimage_pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from zimage_pipeline.settings import EngineSettings
+
+
+class Placement(StrEnum):
+    GPU = "gpu"  # every component on the GPU (about 21 GB in bf16)
+    MODEL_OFFLOAD = "model_offload"  # one component on the GPU at a time
+    SEQUENTIAL_OFFLOAD = "sequential_offload"  # layer by layer: 16 GB cards, slow
+
+
+# "sdpa" lets PyTorch choose (flash on Hopper); "sdpa_cudnn" puts cuDNN's fused attention
+# first in PyTorch's priority list and falls back to the others where it cannot run; any
+# other value is a diffusers attention backend name (e.g. "flash", "_flash_3", "sage").
+SDPA = "sdpa"
+SDPA_CUDNN = "sdpa_cudnn"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model_path: str
+    revision: str | None = None
+    device: str = "auto"
+    memory_mode: Placement = Placement.GPU
+    attention_backend: str = SDPA
+    max_batch: int = 4
+    default_steps: int = 8
+    compile: bool = True  # torch.compile of the repeated blocks and the VAE decoder; CUDA only
+    compile_mode: str | None = None  # None = inductor's default; e.g. "max-autotune-no-cudagraphs"
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ConfigError("engine.max_batch must be at least 1")
+        if self.default_steps < 1:
+            raise ConfigError("engine.default_steps must be at least 1")
+
+    @classmethod
+    def from_settings(cls, settings: EngineSettings) -> EngineConfig:
+        return cls(
+            model_path=settings.model_path,
+            revision=settings.revision,
+            device=settings.device,
+            memory_mode=Placement(settings.memory_mode.value),
+            attention_backend=settings.attention_backend,
+            max_batch=settings.max_batch,
+            default_steps=settings.default_steps,
+            compile=settings.compile,
+            compile_mode=settings.compile_mode or None,
+        )
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" is the first CUDA device when there is one, else the CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"engine.device: not a device: {name!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"engine.device is {name!r} but this torch build sees no CUDA device")
+    if device.type not in ("cuda", "cpu"):
+        raise ConfigError(f"engine.device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (the weights' own precision), float32 on the CPU (bf16 matmuls there
+    are slow and inexact)."""
+    import torch
+
+    return torch.bfloat16 if device.type == "cuda" else torch.float32

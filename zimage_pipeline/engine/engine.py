@@ -1,0 +1,252 @@
+"""TurboEngine: Z-Image-Turbo generation on one device, called from one GPU thread.
+
+Each image gets its own ``torch.Generator`` (on the CPU, so the starting noise is the
+same on every machine), so an image depends on its seed and parameters only, not on the
+batch it shares: batching changes kernels' rounding, never the inputs.
+
+Prompts are encoded padded to the longest prompt of the batch instead of diffusers'
+fixed 512 tokens. The text encoder is causal and the pipeline keeps only the
+attention-masked tokens, so the embeddings are the same, for far less work.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from zimage_pipeline.engine.batching import plan_batches
+from zimage_pipeline.engine.config import EngineConfig
+from zimage_pipeline.engine.errors import DeviceFailure, GenerationFailed, GpuOutOfMemory
+from zimage_pipeline.engine.failures import FailureKind, classify, first_line, free_device_memory
+from zimage_pipeline.engine.identity import ModelIdentity
+from zimage_pipeline.engine.optimize import attention_priority
+from zimage_pipeline.engine.types import (
+    DEFAULT_HEIGHT,
+    DEFAULT_WIDTH,
+    GeneratedImage,
+    GenerationSpec,
+    SpecLike,
+    StageTimings,
+)
+from zimage_pipeline.errors import ZImageError
+
+log = logging.getLogger(__name__)
+
+MAX_SEQUENCE_LENGTH = 512  # diffusers' limit for Z-Image prompts, in tokens
+_WARMUP_PROMPTS = (
+    "a lighthouse at dusk",
+    "a detailed product photograph of a ceramic teapot on a wooden table, soft window "
+    "light from the left, shallow depth of field, neutral background, catalogue style",
+)
+
+
+class TurboEngine:
+    """Not thread-safe: the worker calls it from its one GPU thread."""
+
+    def __init__(
+        self,
+        pipeline: Any,
+        *,
+        config: EngineConfig,
+        device: Any,
+        identity: ModelIdentity,
+        compiled: bool = False,
+    ) -> None:
+        self.pipeline = pipeline
+        self.compiled = compiled  # torch.compile applied (load_engine: CUDA and compile on)
+        self.config = config
+        self.device = device
+        self.identity = identity
+        self._batch_limits: dict[tuple[int, int], int] = {}
+        self._broken: str | None = None
+
+    @property
+    def default_steps(self) -> int:
+        return self.config.default_steps
+
+    # -- public -------------------------------------------------------------------
+
+    def generate(self, specs: Sequence[SpecLike]) -> list[GeneratedImage]:
+        """Generate one image per spec, in order; compatible specs share batches.
+
+        Raises InvalidGenerationSpec (REJECT) for parameters the model cannot take,
+        GpuOutOfMemory (FAIL) when an image does not fit even alone, GenerationFailed
+        (FAIL) for other errors and DeviceFailure (FATAL) after a sticky CUDA error.
+        """
+        if self._broken is not None:
+            raise DeviceFailure(f"the GPU failed earlier and is unusable: {self._broken}")
+        normalized = [GenerationSpec.of(spec) for spec in specs]
+        results: list[GeneratedImage | None] = [None] * len(normalized)
+        for indices in plan_batches(normalized, self._limit_for):
+            images = self._generate_splitting([normalized[i] for i in indices], splits=0)
+            for index, image in zip(indices, images, strict=True):
+                results[index] = image
+        return [image for image in results if image is not None]
+
+    def warmup(self, *, width: int = DEFAULT_WIDTH, height: int = DEFAULT_HEIGHT) -> float:
+        """Generate throwaway images so that compilation happens before the first request.
+
+        One image, then (with compile on) a batch of two prompts of different lengths:
+        the second shape makes torch.compile mark batch and sequence dimensions dynamic
+        now rather than on a customer's request. Returns the seconds it took.
+        """
+        start = time.perf_counter()
+        steps = self.config.default_steps
+        self.generate(
+            [GenerationSpec(_WARMUP_PROMPTS[0], seed=0, width=width, height=height, steps=steps)]
+        )
+        if self.compiled and self.config.max_batch > 1:
+            self.generate(
+                [
+                    GenerationSpec(prompt, seed=i, width=width, height=height, steps=steps)
+                    for i, prompt in enumerate(_WARMUP_PROMPTS)
+                ]
+            )
+        return time.perf_counter() - start
+
+    # -- batching and failures ----------------------------------------------------
+
+    def _limit_for(self, spec: GenerationSpec) -> int:
+        return self._batch_limits.get((spec.width, spec.height), self.config.max_batch)
+
+    def _generate_splitting(
+        self, batch: list[GenerationSpec], *, splits: int
+    ) -> list[GeneratedImage]:
+        try:
+            return self._run_batch(batch, splits=splits)
+        except ZImageError:
+            raise
+        except Exception as exc:
+            kind = classify(exc)
+            if kind is FailureKind.STICKY_DEVICE:
+                self._broken = first_line(exc)
+                raise DeviceFailure(f"sticky CUDA error: {self._broken}") from exc
+            if kind is FailureKind.OTHER:
+                raise GenerationFailed(f"generation failed: {first_line(exc)}") from exc
+            oom = first_line(exc)
+        # Out of memory. Outside the except block the traceback, and with it the failed
+        # batch's activations, is released, so the memory can really be given back.
+        free_device_memory()
+        first = batch[0]
+        if len(batch) == 1:
+            raise GpuOutOfMemory(
+                f"{first.width}x{first.height} does not fit in GPU memory even alone: {oom}"
+            )
+        half = (len(batch) + 1) // 2
+        self._batch_limits[(first.width, first.height)] = half
+        log.warning(
+            "out of memory at batch %d (%dx%d); retrying as %d + %d",
+            len(batch),
+            first.width,
+            first.height,
+            half,
+            len(batch) - half,
+        )
+        return self._generate_splitting(batch[:half], splits=splits + 1) + self._generate_splitting(
+            batch[half:], splits=splits + 1
+        )
+
+    # -- one batch ----------------------------------------------------------------
+
+    def _run_batch(self, batch: list[GenerationSpec], *, splits: int) -> list[GeneratedImage]:
+        import torch
+
+        start = time.perf_counter()
+        with torch.inference_mode(), attention_priority(self.config.attention_backend, self.device):
+            prompt_embeds, negative_embeds = self._encode_prompts(batch)
+            self._sync()
+            encoded = time.perf_counter()
+            latents = self._denoise(batch, prompt_embeds, negative_embeds)
+            self._sync()
+            denoised = time.perf_counter()
+            pil_images = self._decode(latents)
+            self.pipeline.maybe_free_model_hooks()  # model offload: the VAE leaves the GPU too
+        done = time.perf_counter()
+        timings = StageTimings(
+            batch_size=len(batch),
+            encode_prompt_s=encoded - start,
+            denoise_s=denoised - encoded,
+            decode_s=done - denoised,
+            total_s=done - start,
+        )
+        return [
+            GeneratedImage(
+                image=image,
+                seed=spec.seed,
+                width=spec.width,
+                height=spec.height,
+                steps=spec.steps,
+                guidance_scale=spec.guidance_scale,
+                timings=timings,
+                oom_splits=splits,
+            )
+            for spec, image in zip(batch, pil_images, strict=True)
+        ]
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def _token_count(self, text: str) -> int:
+        # The same chat template and tokenizer call as ZImagePipeline._encode_prompt.
+        tokenizer = self.pipeline.tokenizer
+        templated = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=True,
+        )
+        return len(tokenizer(templated).input_ids)
+
+    def _encode_prompts(self, batch: list[GenerationSpec]) -> tuple[list[Any], list[Any]]:
+        cfg = batch[0].guidance_scale > 0
+        prompts = [spec.prompt for spec in batch]
+        negatives = [spec.negative_prompt or "" for spec in batch] if cfg else None
+        longest = max(self._token_count(text) for text in prompts + (negatives or []))
+        positive, negative = self.pipeline.encode_prompt(
+            prompt=prompts,
+            device=self.pipeline._execution_device,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=negatives,
+            max_sequence_length=min(longest, MAX_SEQUENCE_LENGTH),
+        )
+        return list(positive), list(negative)
+
+    def _denoise(
+        self, batch: list[GenerationSpec], prompt_embeds: list[Any], negative_embeds: list[Any]
+    ) -> Any:
+        import torch
+
+        first = batch[0]
+        generators = [torch.Generator("cpu").manual_seed(spec.seed) for spec in batch]
+        output = self.pipeline(
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_embeds if first.guidance_scale > 0 else None,
+            height=first.height,
+            width=first.width,
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance_scale,
+            generator=generators,
+            output_type="latent",
+            return_dict=False,
+        )
+        return output[0]
+
+    def _decode(self, latents: Any) -> list[Any]:
+        """VAE decode as diffusers' pipeline does it; halves the batch on out-of-memory."""
+        vae = self.pipeline.vae
+        try:
+            scaled = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+            pixels = vae.decode(scaled, return_dict=False)[0]
+            images: list[Any] = self.pipeline.image_processor.postprocess(pixels, output_type="pil")
+            return images
+        except Exception as exc:
+            if classify(exc) is not FailureKind.OUT_OF_MEMORY or latents.shape[0] == 1:
+                raise
+        free_device_memory()
+        half = (latents.shape[0] + 1) // 2
+        return self._decode(latents[:half]) + self._decode(latents[half:])

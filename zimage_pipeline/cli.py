@@ -11,6 +11,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from zimage_pipeline.cli_audit import register as _register_audit_commands
 from zimage_pipeline.engine.tiny import DEFAULT_SEED as TINY_MODEL_SEED
 from zimage_pipeline.errors import ConfigError, NotYetAvailable
 from zimage_pipeline.settings import Settings, load_settings
@@ -168,32 +169,7 @@ def users_show(user: str, config: ConfigOption = None) -> None:
     _not_available("users show", "identity and quotas, issue #4")
 
 
-@audit_app.command("query")
-def audit_query(config: ConfigOption = None) -> None:
-    """Query the audit trail."""
-    _settings(config)
-    _not_available("audit query", "outputs and the audit trail, issue #6")
-
-
-@audit_app.command("show")
-def audit_show(request_id: str, config: ConfigOption = None) -> None:
-    """Show one request's whole story."""
-    _settings(config)
-    _not_available("audit show", "outputs and the audit trail, issue #6")
-
-
-@audit_app.command("verify")
-def audit_verify(config: ConfigOption = None) -> None:
-    """Verify the audit hash chain and its anchored heads."""
-    _settings(config)
-    _not_available("audit verify", "outputs and the audit trail, issue #6")
-
-
-@audit_app.command("export")
-def audit_export(config: ConfigOption = None) -> None:
-    """Export a signed-off audit bundle for a time range."""
-    _settings(config)
-    _not_available("audit export", "outputs and the audit trail, issue #6")
+_register_audit_commands(audit_app, app)
 
 
 @model_app.command("make-tiny")

@@ -230,3 +230,27 @@ def test_self_signed_certificate_is_refused_at_startup(tmp_path: Path, chain: Si
 def test_settings_require_signing_material() -> None:
     with pytest.raises(ValueError, match="c2pa_cert_chain_file"):
         ProvenanceSettings(c2pa_enabled=True)
+
+
+def test_cli_shows_whether_the_signature_verifies(
+    tmp_path: Path, signing: C2paSigningConfig, chain: SigningChain
+) -> None:
+    from typer.testing import CliRunner
+
+    from zimage_pipeline.cli import app
+
+    _, _, root_file = write_chain(chain, tmp_path)
+    good = tmp_path / "good.png"
+    good.write_bytes(mark_image(encode("png"), "png", INFO, c2pa=signing))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(_tamper_png_pixels(good.read_bytes()))
+    runner = CliRunner()
+
+    shown = runner.invoke(app, ["provenance", "show", str(good), "--trust-anchors", str(root_file)])
+    assert shown.exit_code == 0, shown.output
+    assert "C2PA: signature trusted (state Trusted)" in shown.output
+    assert "digital source type: " + TRAINED_ALGORITHMIC_MEDIA in shown.output
+
+    tampered = runner.invoke(app, ["provenance", "show", str(bad)])
+    assert tampered.exit_code == 1
+    assert "C2PA: signature DOES NOT VERIFY" in tampered.output

@@ -6,7 +6,18 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, Integer, MetaData, String, UniqueConstraint, func
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Stable constraint names, so that migrations can drop them on every backend.
@@ -132,3 +143,79 @@ class QuotaEntry(Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
+
+
+# -- audit trail (revision 0003) ----------------------------------------------------------
+
+
+class AuditEventRow(Base):
+    """One audit event, hash-chained: `event_hash` covers seq, time, ids, the canonical
+    payload text and `prev_hash`. `prompt_text` is outside the hash (its SHA-256 is in the
+    payload), so prompt retention can remove it without breaking the chain."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index(None, "request_id", "seq"),)
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, index=True)
+    request_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    event_type: Mapped[str] = mapped_column(String(32), nullable=False)
+    actor: Mapped[str] = mapped_column(String(256), nullable=False)
+    payload: Mapped[str] = mapped_column(Text, nullable=False)
+    prompt_text: Mapped[str | None] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    event_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+
+
+class AuditChainHead(Base):
+    """The single row (id 1) every append locks: it serialises writers across workers."""
+
+    __tablename__ = "audit_chain_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    event_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+
+
+class AuditRequest(Base):
+    """Per-request index derived from the events (kept in the same transaction), for the
+    compliance queries; the events stay the record."""
+
+    __tablename__ = "audit_requests"
+    __table_args__ = (
+        Index(None, "subject", "first_at"),
+        Index(None, "status", "first_at"),
+        Index(None, "model", "first_at"),
+        Index(None, "reason", "first_at"),
+    )
+
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    subject: Mapped[str | None] = mapped_column(String(512))
+    principal: Mapped[str | None] = mapped_column(String(512))
+    model: Mapped[str | None] = mapped_column(String(256))
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    reason: Mapped[str | None] = mapped_column(String(64))
+    first_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, index=True)
+    last_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    events: Mapped[int] = mapped_column(Integer, nullable=False)
+    prompt_sha256: Mapped[str | None] = mapped_column(String(64))
+    prompt_text: Mapped[str | None] = mapped_column(Text)
+
+
+class AuditRequestGroup(Base):
+    __tablename__ = "audit_request_groups"
+    __table_args__ = (Index(None, "group_name", "request_id"),)
+
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    group_name: Mapped[str] = mapped_column(String(512), primary_key=True)
+
+
+class AuditRequestLabel(Base):
+    """Labels a client attached (CMS asset id, SKU, ...), searchable by value."""
+
+    __tablename__ = "audit_request_labels"
+    __table_args__ = (Index(None, "value", "key"),)
+
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256), primary_key=True)

@@ -1,0 +1,274 @@
+"""`zimage-pipeline audit ...` and `zimage-pipeline provenance show`.
+
+Exit codes: 0 fine; 1 the audit chain, an image's provenance or a bundle does not
+verify; 2 configuration error; 4 nothing found.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from zimage_pipeline.errors import ConfigError, ZImageError
+from zimage_pipeline.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from zimage_pipeline.audit import ChainAnchorer
+
+EXIT_BROKEN = 1
+EXIT_CONFIG = 2
+EXIT_NOT_FOUND = 4
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
+FromOption = Annotated[
+    str | None,
+    typer.Option("--from", "--since", help="Start (inclusive), ISO 8601; no zone means UTC."),
+]
+ToOption = Annotated[str | None, typer.Option("--to", "--until", help="End (exclusive), ISO 8601.")]
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+def _engine(settings: Settings) -> Engine:
+    from zimage_pipeline.ledger.db import create_ledger_engine
+
+    return create_ledger_engine(settings.database)
+
+
+def _anchorer(settings: Settings, engine: Engine) -> ChainAnchorer:
+    from zimage_pipeline.audit import ChainAnchorer
+    from zimage_pipeline.storage import ObjectStore
+
+    store = ObjectStore(settings.storage)
+    return ChainAnchorer(engine, store, storage=settings.storage, audit=settings.audit)
+
+
+def parse_time(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter(f"not an ISO 8601 time: {value!r}", param_hint=option) from None
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
+
+
+def _fail(exc: ZImageError) -> typer.Exit:
+    typer.echo(f"error: {exc} ({exc.reason})", err=True)
+    return typer.Exit(EXIT_BROKEN)
+
+
+def query(
+    user: Annotated[str | None, typer.Option(help="Who was served (on_behalf_of).")] = None,
+    group: Annotated[str | None, typer.Option(help="A group of the user at the time.")] = None,
+    since: FromOption = None,
+    until: ToOption = None,
+    status: Annotated[
+        str | None, typer.Option(help="received ... published, failed, denied.")
+    ] = None,
+    reason: Annotated[str | None, typer.Option(help="Reason code, e.g. QUOTA_EXCEEDED.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model identity.")] = None,
+    label: Annotated[
+        list[str] | None, typer.Option(help="KEY=VALUE or VALUE (any key); repeatable.")
+    ] = None,
+    prompt: Annotated[str | None, typer.Option(help="Substring of a retained prompt.")] = None,
+    limit: Annotated[int, typer.Option(help="Most rows; 0 for all.")] = 100,
+    output: Annotated[str, typer.Option("--format", help="table | jsonl | csv")] = "table",
+    config: ConfigOption = None,
+) -> None:
+    """Requests matching every filter given, newest first."""
+    from zimage_pipeline.audit import AuditFilter, query_requests
+    from zimage_pipeline.audit.render import render_requests
+
+    if output not in ("table", "jsonl", "csv"):
+        raise typer.BadParameter("table, jsonl or csv", param_hint="--format")
+    labels = tuple(
+        (k, v) if sep else (None, k) for k, sep, v in (item.partition("=") for item in label or [])
+    )
+    audit_filter = AuditFilter(
+        user=user,
+        group=group,
+        since=parse_time(since, "--from"),
+        until=parse_time(until, "--to"),
+        status=status,
+        reason=reason,
+        model=model,
+        labels=labels,
+        prompt=prompt,
+        limit=limit or None,
+    )
+    engine = _engine(_settings(config))
+    try:
+        for line in render_requests(query_requests(engine, audit_filter), output):
+            typer.echo(line)
+    finally:
+        engine.dispose()
+
+
+def show(
+    request_id: str,
+    output: Annotated[str, typer.Option("--format", help="text | json")] = "text",
+    config: ConfigOption = None,
+) -> None:
+    """One request's whole story: its index row and every event, in chain order."""
+    from zimage_pipeline.audit import request_story
+    from zimage_pipeline.audit.render import render_story
+
+    engine = _engine(_settings(config))
+    try:
+        summary, events = request_story(engine, request_id)
+    finally:
+        engine.dispose()
+    if summary is None and not events:
+        typer.echo(f"no audit events for {request_id}", err=True)
+        raise typer.Exit(EXIT_NOT_FOUND)
+    for line in render_story(summary, events, output):
+        typer.echo(line)
+
+
+def verify(
+    anchors: Annotated[bool, typer.Option(help="Also check the heads anchored in S3.")] = True,
+    config: ConfigOption = None,
+) -> None:
+    """Check the hash chain (and the anchors); name the first broken event, exit 1."""
+    from zimage_pipeline.audit import verify_chain
+
+    settings = _settings(config)
+    engine = _engine(settings)
+    try:
+        found = _anchorer(settings, engine).anchors() if anchors else []
+        report = verify_chain(engine, anchors=found)
+    except ZImageError as exc:
+        raise _fail(exc) from None
+    finally:
+        engine.dispose()
+    typer.echo(
+        f"checked {report.events_checked} events (head {report.head_seq}), "
+        f"{report.anchors_checked} anchors"
+    )
+    first = report.first_broken
+    if first is None:
+        typer.echo("OK: audit chain intact")
+        return
+    typer.echo(f"BROKEN: first broken event: {first.describe()}")
+    for problem in sorted(report.problems, key=lambda p: p.seq)[1:10]:
+        typer.echo(f"  also: {problem.describe()}")
+    raise typer.Exit(EXIT_BROKEN)
+
+
+def export(
+    directory: Path,
+    since: Annotated[str, typer.Option("--from", help="Start (inclusive), ISO 8601.")],
+    until: Annotated[str, typer.Option("--to", help="End (exclusive), ISO 8601.")],
+    signed_off_by: Annotated[
+        str | None, typer.Option(help="Name recorded in the manifest.")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Write a self-verifying bundle of the events in [--from, --to) into DIRECTORY."""
+    from zimage_pipeline.audit import export_bundle
+
+    settings = _settings(config)
+    start, end = parse_time(since, "--from"), parse_time(until, "--to")
+    assert start is not None and end is not None
+    engine = _engine(settings)
+    try:
+        manifest = export_bundle(
+            engine,
+            directory,
+            since=start,
+            until=end,
+            anchors=_anchorer(settings, engine).anchors(),
+            signed_off_by=signed_off_by,
+            signing_key_file=settings.audit.export_signing_key_file,
+        )
+    except ZImageError as exc:
+        raise _fail(exc) from None
+    finally:
+        engine.dispose()
+    events = manifest["events"]
+    typer.echo(
+        f"exported {events['count']} events (seq {events['first_seq']}..{events['last_seq']}) "
+        f"to {directory}; chain verified: {manifest['chain_verified']}"
+    )
+    if not manifest["chain_verified"]:
+        raise typer.Exit(EXIT_BROKEN)
+
+
+def anchor(config: ConfigOption = None) -> None:
+    """Write the current chain head to the audit bucket now."""
+    settings = _settings(config)
+    engine = _engine(settings)
+    try:
+        written = _anchorer(settings, engine).anchor()
+    except ZImageError as exc:
+        raise _fail(exc) from None
+    finally:
+        engine.dispose()
+    typer.echo(f"anchored seq {written.seq} at {written.key}" if written else "nothing to anchor")
+
+
+def redact(config: ConfigOption = None) -> None:
+    """Apply the prompt retention policy now (also safe to run from cron)."""
+    from zimage_pipeline.audit import apply_prompt_retention
+
+    settings = _settings(config)
+    engine = _engine(settings)
+    try:
+        cleared = apply_prompt_retention(engine, settings.audit)
+    finally:
+        engine.dispose()
+    typer.echo(f"prompt retention '{settings.audit.prompt_retention}': {cleared} events cleared")
+
+
+def provenance_show(
+    file: Path,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable report.")] = False,
+    trust_anchors: Annotated[
+        Path | None, typer.Option(help="PEM roots to judge the signer (default: settings).")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """What an image says about itself (XMP/IPTC, C2PA) and whether its signature verifies."""
+    from zimage_pipeline.audit.render import render_provenance
+    from zimage_pipeline.provenance import read_provenance
+
+    anchors_file = trust_anchors or _settings(config).provenance.c2pa_trust_anchors_file
+    pem = anchors_file.read_text(encoding="ascii") if anchors_file else None
+    try:
+        report = read_provenance(file, trust_anchors_pem=pem)
+    except OSError as exc:
+        typer.echo(f"error: {file}: {exc.strerror}", err=True)
+        raise typer.Exit(EXIT_NOT_FOUND) from None
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        for line in render_provenance(report):
+            typer.echo(line)
+    if not report.ok:
+        raise typer.Exit(EXIT_BROKEN)
+
+
+def register(audit_app: typer.Typer, app: typer.Typer) -> None:
+    """Attach the audit commands and the `provenance` group to the main CLI."""
+    audit_app.command("query")(query)
+    audit_app.command("show")(show)
+    audit_app.command("verify")(verify)
+    audit_app.command("export")(export)
+    audit_app.command("anchor")(anchor)
+    audit_app.command("redact")(redact)
+    provenance_app = typer.Typer(help="Provenance inside images.", no_args_is_help=True)
+    provenance_app.command("show")(provenance_show)
+    app.add_typer(provenance_app, name="provenance")

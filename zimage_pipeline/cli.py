@@ -12,6 +12,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from zimage_pipeline.cli_audit import register as _register_audit_commands
+from zimage_pipeline.cli_quota import register as _register_quota_commands
 from zimage_pipeline.engine.tiny import DEFAULT_SEED as TINY_MODEL_SEED
 from zimage_pipeline.errors import ConfigError, NotYetAvailable
 from zimage_pipeline.settings import Settings, load_settings
@@ -141,32 +142,8 @@ def submit(config: ConfigOption = None) -> None:
     _not_available("submit", "the RabbitMQ worker, issue #3")
 
 
-@quota_app.command("show")
-def quota_show(subject: str, config: ConfigOption = None) -> None:
-    """Show the quota, usage and remaining budget of a USER or GROUP."""
-    _settings(config)
-    _not_available("quota show", "identity and quotas, issue #4")
-
-
-@quota_app.command("set")
-def quota_set(subject: str, config: ConfigOption = None) -> None:
-    """Set a USER's or GROUP's quota."""
-    _settings(config)
-    _not_available("quota set", "identity and quotas, issue #4")
-
-
-@quota_app.command("grant")
-def quota_grant(subject: str, config: ConfigOption = None) -> None:
-    """Grant a one-off top-up (audited)."""
-    _settings(config)
-    _not_available("quota grant", "identity and quotas, issue #4")
-
-
-@users_app.command("show")
-def users_show(user: str, config: ConfigOption = None) -> None:
-    """Show a user's roles, usage and remaining quota as the worker sees them."""
-    _settings(config)
-    _not_available("users show", "identity and quotas, issue #4")
+# quota show|set|grant and users show: zimage_pipeline/cli_quota.py (issue #4).
+_register_quota_commands(quota_app, users_app, _settings)
 
 
 _register_audit_commands(audit_app, app)

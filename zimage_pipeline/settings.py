@@ -124,6 +124,109 @@ class DirectorySettings(_Section):
         return SecretStr("")
 
 
+class PriorityClass(StrEnum):
+    """Priority classes, lowest first; a role allows its class and every lower one."""
+
+    BULK = "bulk"
+    STANDARD = "standard"
+    INTERACTIVE = "interactive"
+
+
+KNOWN_FORMATS = frozenset({"png", "webp", "jpeg"})
+
+
+class RoleSettings(_Section):
+    """What one role allows. A limit a role leaves at 0 (or a quota it leaves unset) adds
+    nothing when roles are combined: the most generous role that sets it decides."""
+
+    max_pixels: int = Field(default=0, ge=0)
+    max_side: int = Field(default=0, ge=0)
+    max_images: int = Field(default=0, ge=0)
+    max_steps: int = Field(default=0, ge=0)
+    allowed_formats: tuple[str, ...] = ()
+    priority: PriorityClass = PriorityClass.BULK
+    generate: bool = False
+    delegate: bool = False
+    images_per_day: int | None = Field(default=None, ge=0)
+    images_per_month: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _known_formats(self) -> Self:
+        unknown = set(self.allowed_formats) - KNOWN_FORMATS
+        if unknown:
+            raise ValueError(
+                f"unknown image formats {sorted(unknown)}; known: {sorted(KNOWN_FORMATS)}"
+            )
+        return self
+
+
+class TeamBudgetSettings(_Section):
+    """A pooled budget shared by every member (nested members included) of one group."""
+
+    images_per_day: int | None = Field(default=None, ge=0)
+    images_per_month: int | None = Field(default=None, ge=0)
+
+
+class PolicyRules(_Section):
+    """Group DN -> roles, role -> limits, group DN -> pooled team budget."""
+
+    groups: dict[str, tuple[str, ...]] = {}
+    roles: dict[str, RoleSettings] = {}
+    teams: dict[str, TeamBudgetSettings] = {}
+
+    @model_validator(mode="after")
+    def _roles_exist(self) -> Self:
+        missing = {r for names in self.groups.values() for r in names} - set(self.roles)
+        if missing:
+            raise ValueError(f"groups name undefined roles: {sorted(missing)}")
+        return self
+
+
+DEFAULT_POLICY_PATH = Path("config/policy.toml")
+
+
+class PolicySettings(_Section):
+    """Where the policy lives. The rules are read by `load_rules()` (at startup and by
+    the CLI), not while settings load: they are a separate file, owned by whoever
+    administers access, and the inline tables only add to it."""
+
+    file: Path | None = DEFAULT_POLICY_PATH
+    lease_s: float = Field(default=900.0, gt=0)
+    groups: dict[str, tuple[str, ...]] = {}
+    roles: dict[str, RoleSettings] = {}
+    teams: dict[str, TeamBudgetSettings] = {}
+
+    def load_rules(self) -> PolicyRules:
+        """The policy file merged with the inline tables (inline wins on a clash).
+
+        A missing file is an error, except for the default path, which then means "no
+        roles": every request is denied, the fail-closed reading of an absent policy.
+        """
+        import tomllib
+
+        from pydantic import ValidationError
+
+        loaded: dict[str, Any] = {}
+        if self.file is not None and (self.file.is_file() or self.file != DEFAULT_POLICY_PATH):
+            try:
+                loaded = tomllib.loads(self.file.read_text(encoding="utf-8"))
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"policy.file {self.file}: {exc}") from None
+        inline = self.model_dump(include={"groups", "roles", "teams"})
+        merged = {k: {**loaded.get(k, {}), **inline[k]} for k in ("groups", "roles", "teams")}
+        unknown = set(loaded) - set(merged)
+        if unknown:
+            raise ConfigError(f"policy.file {self.file}: unknown tables {sorted(unknown)}")
+        try:
+            return PolicyRules(**merged)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                for err in exc.errors(include_input=False)
+            )
+            raise ConfigError(f"policy ({self.file}): {problems}") from None
+
+
 class AddressingStyle(StrEnum):
     PATH = "path"
     VIRTUAL = "virtual"
@@ -285,6 +388,7 @@ class Settings(BaseSettings):
     broker: BrokerSettings = BrokerSettings()
     database: DatabaseSettings = DatabaseSettings()
     directory: DirectorySettings = DirectorySettings()
+    policy: PolicySettings = PolicySettings()
     storage: StorageSettings = StorageSettings()
     provenance: ProvenanceSettings = ProvenanceSettings()
     audit: AuditSettings = AuditSettings()

@@ -1,0 +1,273 @@
+"""Jobs: one row per request_id and its state machine.
+
+    received -> authorized -> running -> succeeded
+        |            |           |---> failed | cancelled | expired
+        |            |---> rejected | failed | cancelled | expired
+        |---> rejected | failed | cancelled | expired
+
+`mark` moves between the non-terminal states; `finish` enters a terminal one and stores
+the result the worker published, so a redelivered request is answered by republishing it
+(`begin` returns TERMINAL with that result). A terminal job never changes again. A
+redelivery of an unfinished job (the previous worker died) takes it over: attempts + 1,
+back to `received`, this worker's id. Transitions are conditional UPDATEs, so two workers
+can never both move one job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, cast
+
+from sqlalchemy import Connection, Engine, Table, insert, select, update
+
+from zimage_pipeline.errors import Disposition, ZImageError
+from zimage_pipeline.ledger.models import Job, JobStatus
+from zimage_pipeline.ledger.txn import as_utc, run_read, run_write, utcnow
+
+__all__ = [
+    "BeginKind",
+    "IllegalTransitionError",
+    "JobBegin",
+    "JobNotFoundError",
+    "JobRecord",
+    "JobStatus",
+    "JobStore",
+]
+
+JOBS = cast(Table, Job.__table__)
+
+TERMINAL = frozenset(
+    {
+        JobStatus.SUCCEEDED,
+        JobStatus.FAILED,
+        JobStatus.REJECTED,
+        JobStatus.CANCELLED,
+        JobStatus.EXPIRED,
+    }
+)
+_ENDINGS = frozenset({JobStatus.REJECTED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED})
+ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.RECEIVED: _ENDINGS | {JobStatus.AUTHORIZED},
+    JobStatus.AUTHORIZED: _ENDINGS | {JobStatus.RUNNING},
+    JobStatus.RUNNING: (_ENDINGS - {JobStatus.REJECTED}) | {JobStatus.SUCCEEDED},
+}
+
+
+class BeginKind(StrEnum):
+    NEW = "new"  # first attempt, or a takeover of an unfinished one
+    TERMINAL = "terminal"  # already finished: republish `result`
+    CONFLICT = "conflict"  # same request_id, different payload or publisher
+
+
+class IllegalTransitionError(ZImageError):
+    disposition = Disposition.FAIL
+    reason = "ILLEGAL_TRANSITION"
+
+
+class JobNotFoundError(ZImageError):
+    disposition = Disposition.FAIL
+    reason = "JOB_NOT_FOUND"
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    request_id: str
+    payload_sha256: str
+    principal: str
+    on_behalf_of: str
+    status: JobStatus
+    reason: str | None
+    attempts: int
+    worker_id: str | None
+    roles_snapshot: dict[str, Any] | None
+    result: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class JobBegin:
+    kind: BeginKind
+    job: JobRecord
+
+    @property
+    def attempts(self) -> int:
+        return self.job.attempts
+
+    @property
+    def created_at(self) -> datetime:
+        return self.job.created_at
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        return self.job.result if self.kind is BeginKind.TERMINAL else None
+
+
+class JobStore:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def begin(
+        self,
+        *,
+        request_id: str,
+        payload_sha256: str,
+        principal: str,
+        on_behalf_of: str,
+        worker_id: str,
+    ) -> JobBegin:
+        def work(connection: Connection) -> JobBegin:
+            at = utcnow()
+            job = _load(connection, request_id)
+            if job is None:
+                connection.execute(
+                    insert(JOBS).values(
+                        request_id=request_id,
+                        payload_sha256=payload_sha256,
+                        principal=principal,
+                        on_behalf_of=on_behalf_of,
+                        status=JobStatus.RECEIVED.value,
+                        attempts=1,
+                        worker_id=worker_id,
+                        created_at=at,
+                        updated_at=at,
+                    )
+                )
+                return JobBegin(BeginKind.NEW, _require(connection, request_id))
+            # A different publisher reusing an id must not be handed someone else's result.
+            if (job.payload_sha256, job.principal, job.on_behalf_of) != (
+                payload_sha256,
+                principal,
+                on_behalf_of,
+            ):
+                return JobBegin(BeginKind.CONFLICT, job)
+            if job.status in TERMINAL:
+                return JobBegin(BeginKind.TERMINAL, job)
+            taken = connection.execute(
+                update(JOBS)
+                .where(JOBS.c.request_id == request_id, JOBS.c.attempts == job.attempts)
+                .where(JOBS.c.status.not_in([s.value for s in TERMINAL]))
+                .values(
+                    attempts=JOBS.c.attempts + 1,
+                    worker_id=worker_id,
+                    status=JobStatus.RECEIVED.value,
+                    reason=None,
+                    updated_at=at,
+                )
+            )
+            if taken.rowcount != 1:  # another worker moved it first: decide on its state
+                return work(connection)
+            return JobBegin(BeginKind.NEW, _require(connection, request_id))
+
+        return run_write(self._engine, work)
+
+    def mark(
+        self,
+        request_id: str,
+        status: JobStatus | str,
+        *,
+        reason: str | None = None,
+        roles_snapshot: Mapping[str, Any] | None = None,
+    ) -> JobRecord:
+        target = JobStatus(status)
+        if target in TERMINAL:
+            raise IllegalTransitionError(f"{target.value} is terminal: use finish()")
+        values: dict[str, Any] = {"reason": reason}
+        if roles_snapshot is not None:
+            values["roles_snapshot"] = dict(roles_snapshot)
+        return self._move(request_id, target, values)
+
+    def finish(
+        self,
+        request_id: str,
+        status: JobStatus | str,
+        *,
+        reason: str | None,
+        result: Mapping[str, Any],
+    ) -> JobRecord:
+        target = JobStatus(status)
+        if target not in TERMINAL:
+            raise IllegalTransitionError(f"{target.value} is not terminal: use mark()")
+        values = {"reason": reason, "result": dict(result), "finished_at": utcnow()}
+        return self._move(request_id, target, values)
+
+    def cancel(
+        self,
+        request_id: str,
+        *,
+        principal: str,
+        result: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Cancel a job that has not started running, on behalf of its publisher or its
+        subject; True if it is cancelled (now or already). `result` is what a redelivery
+        of the request will be answered with."""
+        job = self.get(request_id)
+        if job is None or principal not in (job.principal, job.on_behalf_of):
+            return False
+        if job.status is JobStatus.CANCELLED:
+            return True
+        if job.status not in (JobStatus.RECEIVED, JobStatus.AUTHORIZED):
+            return False
+        stored = dict(result) if result is not None else {"status": "cancelled"}
+        try:
+            self.finish(request_id, JobStatus.CANCELLED, reason="CANCELLED", result=stored)
+        except IllegalTransitionError:
+            return False  # started meanwhile
+        return True
+
+    def get(self, request_id: str) -> JobRecord | None:
+        return run_read(self._engine, lambda c: _load(c, request_id))
+
+    def _move(self, request_id: str, target: JobStatus, values: dict[str, Any]) -> JobRecord:
+        sources = [s.value for s, targets in ALLOWED.items() if target in targets]
+
+        def work(connection: Connection) -> JobRecord:
+            moved = connection.execute(
+                update(JOBS)
+                .where(JOBS.c.request_id == request_id, JOBS.c.status.in_(sources))
+                .values(status=target.value, updated_at=utcnow(), **values)
+            )
+            job = _load(connection, request_id)
+            if job is None:
+                raise JobNotFoundError(f"no job for request {request_id!r}")
+            if moved.rowcount == 1:
+                return job
+            if job.status is target:
+                return job  # repeated (redelivered) step: already there
+            raise IllegalTransitionError(
+                f"job {request_id!r} cannot go from {job.status.value} to {target.value}"
+            )
+
+        return run_write(self._engine, work)
+
+
+def _load(connection: Connection, request_id: str) -> JobRecord | None:
+    row = connection.execute(select(JOBS).where(JOBS.c.request_id == request_id)).first()
+    if row is None:
+        return None
+    return JobRecord(
+        request_id=row.request_id,
+        payload_sha256=row.payload_sha256,
+        principal=row.principal,
+        on_behalf_of=row.on_behalf_of,
+        status=JobStatus(row.status),
+        reason=row.reason,
+        attempts=row.attempts,
+        worker_id=row.worker_id,
+        roles_snapshot=row.roles_snapshot,
+        result=row.result,
+        created_at=as_utc(row.created_at),
+        updated_at=as_utc(row.updated_at),
+        finished_at=as_utc(row.finished_at) if row.finished_at else None,
+    )
+
+
+def _require(connection: Connection, request_id: str) -> JobRecord:
+    job = _load(connection, request_id)
+    if job is None:
+        raise JobNotFoundError(f"no job for request {request_id!r}")
+    return job

@@ -1,0 +1,158 @@
+"""Administrative side of the quota ledger: usage reports, limit overrides, top-ups.
+
+Every change made here is also an append-only entry naming its actor, so `quota set` and
+`quota grant` are audited in the same place as the request movements.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import Connection, delete, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from zimage_pipeline.ledger.quota_rows import (
+    COUNTERS,
+    ENTRIES,
+    LIMITS,
+    append_entry,
+    counter_keys,
+    effective_limits,
+    limit_overrides,
+    lock_counters,
+)
+from zimage_pipeline.ledger.quota_types import (
+    EntryKind,
+    InvalidQuotaOperationError,
+    QuotaStatus,
+    Window,
+    WindowUsage,
+    periods,
+)
+from zimage_pipeline.ledger.txn import as_utc, is_sqlite, utcnow
+from zimage_pipeline.policy import QuotaLimits
+
+
+def usage(connection: Connection, subject: str, limits: QuotaLimits, now: datetime) -> QuotaStatus:
+    per = periods(now)
+    effective = effective_limits({subject: limits}, limit_overrides(connection, [subject]))[subject]
+    query = select(COUNTERS).where(
+        COUNTERS.c.subject == subject,
+        ((COUNTERS.c.window_kind == Window.DAY.value) & (COUNTERS.c.period == per[Window.DAY]))
+        | (
+            (COUNTERS.c.window_kind == Window.MONTH.value)
+            & (COUNTERS.c.period == per[Window.MONTH])
+        ),
+    )
+    rows = {r.window_kind: r for r in connection.execute(query)}
+    windows = []
+    for window, limit in (
+        (Window.DAY, effective.images_per_day),
+        (Window.MONTH, effective.images_per_month),
+    ):
+        row = rows.get(window.value)
+        windows.append(
+            WindowUsage(
+                window=window,
+                period=per[window],
+                used=row.used if row else 0,
+                reserved=row.reserved if row else 0,
+                granted=row.granted if row else 0,
+                limit=limit,
+            )
+        )
+    return QuotaStatus(subject=subject, windows=tuple(windows))
+
+
+def set_limit(
+    connection: Connection,
+    subject: str,
+    images_per_day: int | None,
+    images_per_month: int | None,
+    *,
+    actor: str,
+    note: str | None,
+) -> None:
+    for value in (images_per_day, images_per_month):
+        if value is not None and value < 0:
+            raise InvalidQuotaOperationError("a limit cannot be negative")
+    at = utcnow()
+    if images_per_day is None and images_per_month is None:
+        connection.execute(delete(LIMITS).where(LIMITS.c.subject == subject))
+    else:
+        values = {
+            "subject": subject,
+            "images_per_day": images_per_day,
+            "images_per_month": images_per_month,
+            "updated_by": actor,
+            "updated_at": at,
+        }
+        dialect_insert = sqlite_insert if is_sqlite(connection) else pg_insert
+        statement = dialect_insert(LIMITS).values(**values)
+        connection.execute(
+            statement.on_conflict_do_update(
+                index_elements=[LIMITS.c.subject],
+                set_={k: v for k, v in values.items() if k != "subject"},
+            )
+        )
+    append_entry(
+        connection,
+        request_id=f"admin:{uuid.uuid4().hex}",
+        kind=EntryKind.SET_LIMIT,
+        subject=subject,
+        images=0,
+        at=at,
+        actor=actor,
+        note=note,
+        details={"images_per_day": images_per_day, "images_per_month": images_per_month},
+    )
+
+
+def grant(
+    connection: Connection,
+    subject: str,
+    images: int,
+    window: Window,
+    at: datetime,
+    *,
+    actor: str,
+    note: str | None,
+    grant_id: str | None,
+) -> bool:
+    if images < 1:
+        raise InvalidQuotaOperationError("a grant must add at least one image")
+    request_id = f"grant:{grant_id or uuid.uuid4().hex}"
+    already = connection.execute(
+        select(ENTRIES.c.id).where(
+            ENTRIES.c.request_id == request_id, ENTRIES.c.kind == EntryKind.GRANT.value
+        )
+    ).first()
+    if already is not None:
+        return False
+    at = as_utc(at)
+    per = periods(at)
+    keys = [
+        k
+        for k in counter_keys([subject], per[Window.DAY], per[Window.MONTH])
+        if k[1] == window.value
+    ]
+    rows = lock_counters(connection, keys)
+    connection.execute(
+        update(COUNTERS)
+        .where(COUNTERS.c.id.in_([r.id for r in rows.values()]))
+        .values(granted=COUNTERS.c.granted + images)
+    )
+    append_entry(
+        connection,
+        request_id=request_id,
+        kind=EntryKind.GRANT,
+        subject=subject,
+        images=images,
+        at=at,
+        actor=actor,
+        note=note,
+        details={"window": window.value, "period": per[window]},
+    )
+    return True

@@ -206,7 +206,12 @@ class FakeEngine:
 
 class FakeEncoder:
     def encode(
-        self, image: RawImage, *, request: GenerationRequest, model: ModelIdentity
+        self,
+        image: RawImage,
+        *,
+        request: GenerationRequest,
+        model: ModelIdentity,
+        created_at: datetime,
     ) -> EncodedImage:
         buffer = io.BytesIO()
         image.pixels.save(buffer, format="PNG")

@@ -130,16 +130,59 @@ def db_current(config: ConfigOption = None) -> None:
 
 @app.command()
 def worker(config: ConfigOption = None) -> None:
-    """Consume generation requests from RabbitMQ until SIGTERM."""
-    _settings(config)
-    _not_available("worker", "the RabbitMQ worker, issue #3")
+    """Consume generation requests from RabbitMQ until SIGTERM (exit 0 after draining)."""
+    from zimage_pipeline.cli_worker import run_worker_command
+
+    run_worker_command(_settings(config))
 
 
 @app.command()
-def submit(config: ConfigOption = None) -> None:
-    """Publish a generation request and optionally wait for its result."""
-    _settings(config)
-    _not_available("submit", "the RabbitMQ worker, issue #3")
+def submit(
+    prompt: Annotated[str | None, typer.Option(help="The prompt (Chinese or English).")] = None,
+    file: Annotated[Path | None, typer.Option(help="A JSON request; flags override it.")] = None,
+    request_id: Annotated[
+        str | None, typer.Option(help="Idempotency key (default: random).")
+    ] = None,
+    on_behalf_of: Annotated[str | None, typer.Option(help="End user (default: yourself).")] = None,
+    width: Annotated[int | None, typer.Option()] = None,
+    height: Annotated[int | None, typer.Option()] = None,
+    steps: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    num_images: Annotated[int | None, typer.Option()] = None,
+    image_format: Annotated[str | None, typer.Option("--format", help="png|webp|jpeg")] = None,
+    priority: Annotated[str | None, typer.Option(help="interactive|standard|bulk")] = None,
+    label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, repeatable.")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for and print the result.")] = True,
+    config: ConfigOption = None,
+) -> None:
+    """Publish a generation request as client.username and (by default) wait for the result."""
+    from zimage_pipeline.cli_worker import build_request_document, submit_command
+
+    settings = _settings(config)
+    fields = {
+        "prompt": prompt,
+        "request_id": request_id,
+        "on_behalf_of": on_behalf_of,
+        "width": width,
+        "height": height,
+        "steps": steps,
+        "seed": seed,
+        "num_images": num_images,
+        "format": image_format,
+        "priority": priority,
+    }
+    document = build_request_document(
+        file=file, fields=fields, labels=label or [], username=settings.client.username
+    )
+    submit_command(settings, document, wait=wait)
+
+
+@app.command()
+def cancel(request_id: str, config: ConfigOption = None) -> None:
+    """Cancel a request that has not started yet (it ends `cancelled`, nothing charged)."""
+    from zimage_pipeline.cli_worker import cancel_command
+
+    cancel_command(_settings(config), request_id)
 
 
 # quota show|set|grant and users show: zimage_pipeline/cli_quota.py (issue #4).

@@ -76,6 +76,7 @@ class Authorization:
     limits: Limits
     roles_snapshot: Mapping[str, Any]
     quota_subjects: Any = None  # opaque to the core: passed back to Quota.reserve
+    groups: tuple[str, ...] = ()  # the subject's group DNs (nested resolved), for audit
 
 
 class Authorizer(Protocol):
@@ -120,6 +121,7 @@ class RawImage:
     seed: int
     width: int
     height: int
+    index: int = 0  # position within its request (0..num_images-1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +149,12 @@ class EncodedImage:
 
 class Encoder(Protocol):
     def encode(
-        self, image: RawImage, *, request: GenerationRequest, model: ModelIdentity
+        self,
+        image: RawImage,
+        *,
+        request: GenerationRequest,
+        model: ModelIdentity,
+        created_at: datetime,
     ) -> EncodedImage:
         """Encode to the requested format and embed provenance (XMP/IPTC, C2PA)."""
         ...

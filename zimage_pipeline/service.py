@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
+from zimage_pipeline.admission import STATUS_BY_REASON, RequestExpiredError, check_limits
 from zimage_pipeline.decoding import decode_request, peek_request_id
 from zimage_pipeline.errors import (
     Disposition,
@@ -34,10 +35,7 @@ from zimage_pipeline.errors import (
 from zimage_pipeline.messages import (
     GenerationRequest,
     GenerationResult,
-    ModelInfo,
-    QuotaRemaining,
     Status,
-    StoredImage,
 )
 from zimage_pipeline.ports import (
     Audit,
@@ -46,15 +44,22 @@ from zimage_pipeline.ports import (
     BeginKind,
     Encoder,
     Engine,
-    ImageSpec,
     Jobs,
     Quota,
     Store,
 )
+from zimage_pipeline.results import (
+    MAX_SEED,
+    audit_record_of,
+    generated_payload,
+    image_specs,
+    rejected,
+    stored_payload,
+    succeeded_result,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,18 +114,6 @@ def effective_seed(request: GenerationRequest, payload_sha256: str) -> int:
         return request.seed
     digest = hashlib.sha256(f"seed:{request.request_id}:{payload_sha256}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & MAX_SEED
-
-
-def rejected(
-    request_id: str, error: ZImageError, *, status: Status = Status.REJECTED
-) -> GenerationResult:
-    return GenerationResult(
-        request_id=request_id,
-        status=status,
-        reason=error.reason,
-        message=str(error),
-        finished_at=datetime.now(UTC),
-    )
 
 
 class RequestService:
@@ -214,10 +207,33 @@ class RequestService:
         return Outcome(result)
 
     def _received_payload(self, job: _Job) -> dict[str, Any]:
-        # The full request goes to the audit trail; its retention policy (keep, hash only,
-        # redact after N days) applies there, not here.
-        request = job.request.model_dump(mode="json", by_alias=True)
-        return {"request": request, "payload_sha256": job.payload_sha256, "attempt": job.attempt}
+        # Keys the audit index understands (user, principal, labels, prompt, ...); the
+        # prompt retention policy (keep / hash only / redact after N days) applies there.
+        request = job.request
+        return {
+            "user": request.on_behalf_of,
+            "principal": job.principal,
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "labels": dict(request.labels),
+            "parameters": request.model_dump(
+                mode="json", exclude={"prompt", "negative_prompt", "labels"}, by_alias=True
+            ),
+            "payload_sha256": job.payload_sha256,
+            "attempt": job.attempt,
+        }
+
+    async def record_published(self, result: GenerationResult, *, principal: str) -> None:
+        """Called by the worker once the broker confirmed the result."""
+        if not result.request_id:
+            return  # an unparseable message: its trail is the DLQ copy
+        await self._io(
+            self._p.audit.append,
+            request_id=result.request_id,
+            event_type="published",
+            actor=principal,
+            payload={"status": result.status.value, "reason": result.reason},
+        )
 
     async def release_after_retries(
         self, body: bytes, *, principal: str, error: ZImageError
@@ -239,7 +255,7 @@ class RequestService:
     ) -> GenerationResult:
         if status is None:
             status = Status.REJECTED if error.disposition is Disposition.REJECT else Status.FAILED
-            status = _STATUS_BY_REASON.get(error.reason, status)
+            status = STATUS_BY_REASON.get(error.reason, status)
         if job.reserved:
             await self._io(self._p.quota.release, job.request.request_id, error.reason)
             await self._audit(job, "quota_released", {"reason": error.reason})
@@ -251,7 +267,11 @@ class RequestService:
             }
         )
         event = "denied" if status is Status.REJECTED else status.value
-        await self._audit(job, event, {"reason": error.reason, "message": str(error)})
+        await self._audit(
+            job,
+            event,
+            {"user": job.request.on_behalf_of, "reason": error.reason, "message": str(error)},
+        )
         await self._io(
             self._p.jobs.finish,
             job.request.request_id,
@@ -284,7 +304,14 @@ class RequestService:
             self._p.jobs.mark, request.request_id, "authorized", roles_snapshot=auth.roles_snapshot
         )
         await self._audit(
-            job, "authorized", {"subject": auth.subject, "roles": dict(auth.roles_snapshot)}
+            job,
+            "authorized",
+            {
+                "user": auth.subject,
+                "principal": auth.principal,
+                "groups": list(auth.groups),
+                "roles": dict(auth.roles_snapshot),
+            },
         )
 
         await self._timed(
@@ -302,52 +329,37 @@ class RequestService:
 
         self._check_not_expired(job)
         await self._io(self._p.jobs.mark, request.request_id, "running")
-        base_seed = effective_seed(request, job.payload_sha256)
-        specs = [
-            ImageSpec(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt,
-                width=request.width,
-                height=request.height,
-                steps=request.steps,
-                guidance_scale=request.guidance_scale,
-                seed=(base_seed + index) % (MAX_SEED + 1),
-            )
-            for index in range(request.num_images)
-        ]
+        specs = image_specs(request, effective_seed(request, job.payload_sha256))
         raw_images = await self._timed(job, "generate", self._gpu(self._p.engine.generate, specs))
         model = self._p.engine.identity
         await self._audit(
-            job,
-            "generated",
-            {
-                "model": {
-                    "name": model.name,
-                    "revision": model.revision,
-                    "weights_sha256": model.weights_sha256,
-                },
-                "seeds": [image.seed for image in raw_images],
-                "parameters": {
-                    "width": request.width,
-                    "height": request.height,
-                    "steps": request.steps,
-                    "guidance_scale": request.guidance_scale,
-                },
-                "generate_s": job.timings.get("generate"),
-            },
+            job, "generated", generated_payload(request, model, raw_images, job.timings)
         )
         encoded = await self._timed(
             job,
             "encode",
             asyncio.gather(
                 *(
-                    self._io(self._p.encoder.encode, raw, request=request, model=model)
+                    self._io(
+                        self._p.encoder.encode,
+                        raw,
+                        request=request,
+                        model=model,
+                        created_at=job.created_at,
+                    )
                     for raw in raw_images
                 )
             ),
         )
-        audit_record = self._audit_record(
-            job, auth, model_name=model.name, seeds=[i.seed for i in encoded]
+        audit_record = audit_record_of(
+            request,
+            payload_sha256=job.payload_sha256,
+            auth=auth,
+            model=model,
+            seeds=[i.seed for i in encoded],
+            timings=job.timings,
+            worker_id=self._config.worker_id,
+            attempt=job.attempt,
         )
         outputs = await self._timed(
             job,
@@ -360,48 +372,20 @@ class RequestService:
                 audit_record=audit_record,
             ),
         )
-        await self._audit(
-            job,
-            "stored",
-            {
-                "objects": [
-                    {"key": o.key, "sha256": o.sha256, "bytes": o.size} for o in outputs.images
-                ],
-                "audit_record_key": outputs.audit_record_key,
-            },
-        )
+        await self._audit(job, "stored", stored_payload(outputs))
         await self._timed(
             job, "commit", self._io(self._p.quota.commit, request.request_id, len(encoded))
         )
         await self._audit(job, "quota_committed", {"images": len(encoded)})
         left = await self._io(self._p.quota.remaining, auth)
 
-        result = GenerationResult(
-            request_id=request.request_id,
-            status=Status.SUCCEEDED,
-            on_behalf_of=request.on_behalf_of,
-            images=[
-                StoredImage(
-                    bucket=ref.bucket,
-                    key=ref.key,
-                    version_id=ref.version_id,
-                    sha256=ref.sha256,
-                    bytes=ref.size,
-                    width=image.width,
-                    height=image.height,
-                    format=image.format,
-                    seed=image.seed,
-                    url=ref.url,
-                )
-                for ref, image in zip(outputs.images, encoded, strict=True)
-            ],
-            audit_record_key=outputs.audit_record_key,
-            timings_s=dict(job.timings),
-            model=ModelInfo(
-                name=model.name, revision=model.revision, weights_sha256=model.weights_sha256
-            ),
-            quota_remaining=QuotaRemaining(day=left.day, month=left.month),
-            labels=dict(request.labels),
+        result = succeeded_result(
+            request,
+            outputs=outputs,
+            encoded=encoded,
+            model=model,
+            left=left,
+            timings=job.timings,
             finished_at=self._clock(),
         )
         await self._io(
@@ -413,60 +397,5 @@ class RequestService:
         )
         return result
 
-    def _audit_record(
-        self, job: _Job, auth: Authorization, *, model_name: str, seeds: list[int]
-    ) -> dict[str, Any]:
-        return {
-            "request": job.request.model_dump(mode="json", by_alias=True),
-            "payload_sha256": job.payload_sha256,
-            "principal": job.principal,
-            "subject": auth.subject,
-            "decision": "authorized",
-            "roles_snapshot": dict(auth.roles_snapshot),
-            "quota": {"reserved": job.request.num_images},
-            "model": model_name,
-            "seeds": seeds,
-            "timings_s": dict(job.timings),
-            "worker_id": self._config.worker_id,
-            "attempt": job.attempt,
-        }
-
     async def cancel(self, request_id: str, *, principal: str) -> bool:
         return await self._io(self._p.jobs.cancel, request_id, principal=principal)
-
-
-class RequestExpiredError(ZImageError):
-    disposition = Disposition.FAIL
-    reason = "EXPIRED"
-
-
-_STATUS_BY_REASON = {"EXPIRED": Status.EXPIRED, "CANCELLED": Status.CANCELLED}
-
-
-def check_limits(request: GenerationRequest, auth: Authorization) -> None:
-    """Enforce the subject's role limits; the message names the limit that was hit."""
-    limits = auth.limits
-    if not limits.generate:
-        raise RequestRejectedError(
-            f"{auth.subject!r} has no role that allows generating images", reason="NOT_AUTHORIZED"
-        )
-    problems = []
-    if max(request.width, request.height) > limits.max_side:
-        problems.append(f"width/height: at most {limits.max_side} px per side")
-    if request.pixels > limits.max_pixels:
-        problems.append(f"width*height: at most {limits.max_pixels} pixels")
-    if request.num_images > limits.max_images:
-        problems.append(f"num_images: at most {limits.max_images}")
-    if request.steps > limits.max_steps:
-        problems.append(f"steps: at most {limits.max_steps}")
-    if request.format not in limits.formats:
-        allowed = ", ".join(sorted(f.value for f in limits.formats))
-        problems.append(f"format: one of {allowed}")
-    if request.priority not in limits.priorities:
-        allowed = ", ".join(sorted(p.value for p in limits.priorities))
-        problems.append(f"priority: one of {allowed}")
-    if problems:
-        raise RequestRejectedError(
-            "the request exceeds what the user's roles allow: " + "; ".join(problems),
-            reason="POLICY_VIOLATION",
-        )

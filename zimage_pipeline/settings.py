@@ -371,6 +371,22 @@ class WorkerSettings(_Section):
     http_port: int = Field(default=9464, ge=0, le=65535)
 
 
+class ClientSettings(_Section):
+    """The account `zimage-pipeline submit` and `cancel` publish as (not the worker's)."""
+
+    username: str = ""
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    wait_s: float = Field(default=300.0, gt=0)
+
+    def resolved_password(self) -> SecretStr:
+        if self.password is not None:
+            return self.password
+        if self.password_file is not None:
+            return read_secret_file(self.password_file, setting="client.password_file")
+        return SecretStr("")
+
+
 class LoggingSettings(_Section):
     level: str = "INFO"
     json_logs: bool = True
@@ -394,6 +410,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = AuditSettings()
     engine: EngineSettings = EngineSettings()
     worker: WorkerSettings = WorkerSettings()
+    client: ClientSettings = ClientSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @classmethod

@@ -170,7 +170,7 @@ async def test_transient_failure_is_retried_with_delay_then_succeeds(settings: S
     ports = make_ports(authorizer=FakeAuthorizer(users={"alice": GENEROUS}, unavailable_times=2))
     async with running_worker(settings, ports), client(settings, "alice") as alice:
         await alice.publish(request("retry-1"))
-        result = await alice.next_result(timeout=30)
+        result = await alice.next_result(wait_s=30)
     assert result["status"] == "succeeded"
     assert ports.authorizer.calls == 3  # type: ignore[attr-defined]
 
@@ -181,7 +181,7 @@ async def test_retry_budget_spent_fails_and_releases(settings: Settings) -> None
         ports = make_ports(store=FakeStore(failures=100))
         async with running_worker(s, ports), client(s, "alice") as alice:
             await alice.publish(request("store-down-1"))
-            result = await alice.next_result(timeout=30)
+            result = await alice.next_result(wait_s=30)
         assert result["status"] == "failed"
         assert "store-down-1" in ports.quota.released  # type: ignore[attr-defined]
         assert "store-down-1" not in ports.quota.committed  # type: ignore[attr-defined]
@@ -197,7 +197,7 @@ async def test_heartbeats_survive_a_long_generation(settings: Settings) -> None:
         reconnects: list[object] = []
         running.connection.reconnect_callbacks.add(lambda *args: reconnects.append(args))
         await alice.publish(request("slow-1"))
-        result = await alice.next_result(timeout=40)
+        result = await alice.next_result(wait_s=40)
         assert not running.connection.is_closed
     assert result["status"] == "succeeded"
     assert reconnects == []
@@ -231,7 +231,7 @@ async def test_a_burst_from_one_user_does_not_starve_another(settings: Settings)
                 await bob.publish(request(f"burst-{i}", on_behalf_of="bob"), priority="bulk")
             await alice.publish(request("alice-1"), priority="bulk")
             async with running_worker(s, ports):
-                order = [r["request_id"] for r in await alice.results_for(41, timeout=60)]
+                order = [r["request_id"] for r in await alice.results_for(41, wait_s=60)]
         position = order.index("alice-1")
         assert position < 10, f"alice was served {position + 1}th of 41"
     finally:

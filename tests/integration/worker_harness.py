@@ -55,6 +55,7 @@ class Client:
     broker: BrokerSettings
     results_queue: AbstractQueue
     results: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    stash: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     async def publish(
         self,
@@ -76,18 +77,21 @@ class Client:
             routing_key=routing_key or priority,
         )
 
-    async def next_result(self, timeout: float = 30) -> dict[str, Any]:
-        return await asyncio.wait_for(self.results.get(), timeout)
+    async def next_result(self, wait_s: float = 30) -> dict[str, Any]:
+        return await asyncio.wait_for(self.results.get(), wait_s)
 
-    async def result_of(self, request_id: str, timeout: float = 30) -> dict[str, Any]:
-        """The next result for `request_id`, skipping others' results on the shared tap."""
+    async def result_of(self, request_id: str, wait_s: float = 30) -> dict[str, Any]:
+        """The next result for `request_id`; others seen meanwhile are kept for later."""
+        if request_id in self.stash:
+            return self.stash.pop(request_id)
         while True:
-            result = await self.next_result(timeout)
+            result = await self.next_result(wait_s)
             if result["request_id"] == request_id:
                 return result
+            self.stash.setdefault(result["request_id"], result)
 
-    async def results_for(self, count: int, timeout: float = 60) -> list[dict[str, Any]]:
-        return [await self.next_result(timeout) for _ in range(count)]
+    async def results_for(self, count: int, wait_s: float = 60) -> list[dict[str, Any]]:
+        return [await self.next_result(wait_s) for _ in range(count)]
 
 
 @asynccontextmanager

@@ -236,6 +236,10 @@ class Worker:
                     delivery.message, reason=result.reason or "REJECTED", error=result.message or ""
                 )
             await self._publish_result(result)
+            try:
+                await self._service.record_published(result, principal=delivery.principal or "")
+            except ZImageError as exc:  # the result is out; a missing event is logged, not fatal
+                log.warning("could not record the published event: %s", exc)
             self._metrics.jobs.labels(result.status.value, result.reason or "").inc()
             for phase, seconds in result.timings_s.items():
                 self._metrics.phase_seconds.labels(phase).observe(seconds)

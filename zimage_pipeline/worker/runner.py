@@ -7,14 +7,21 @@ import logging
 import os
 import signal
 import socket
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import suppress
+from typing import TYPE_CHECKING
 
 from zimage_pipeline.broker import connect_robust
 from zimage_pipeline.observability import Metrics
-from zimage_pipeline.service import Ports, RequestService, ServiceConfig
+from zimage_pipeline.service import RequestService, ServiceConfig
 from zimage_pipeline.settings import Settings
 from zimage_pipeline.worker.consumer import Worker
 from zimage_pipeline.worker.health import HealthServer
+
+if TYPE_CHECKING:
+    from zimage_pipeline.wiring import Wiring
+
+MAINTENANCE_INTERVAL_S = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +30,21 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-async def run_worker(settings: Settings, ports: Ports, *, stop: asyncio.Event | None = None) -> int:
+async def _maintain(wiring: Wiring, io: Executor) -> None:
+    """Expire crashed workers' quota leases, anchor the audit chain: every 30 s."""
+    loop = asyncio.get_running_loop()
+    while True:
+        for task in wiring.maintenance:
+            try:
+                await loop.run_in_executor(io, task)
+            except Exception:
+                log.exception("maintenance task failed; retrying later")
+        await asyncio.sleep(MAINTENANCE_INTERVAL_S)
+
+
+async def run_worker(
+    settings: Settings, wiring: Wiring, *, stop: asyncio.Event | None = None
+) -> int:
     """Run until SIGTERM/SIGINT (or `stop`); exit code 0, or 70 after a fatal error."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -37,7 +58,7 @@ async def run_worker(settings: Settings, ports: Ports, *, stop: asyncio.Event | 
     gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zimage-gpu")
     io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="zimage-io")
     service = RequestService(
-        ports,
+        wiring.ports,
         ServiceConfig(worker_id=worker_id, max_body_bytes=settings.worker.max_body_bytes),
         gpu_executor=gpu,
         io_executor=io,
@@ -60,13 +81,20 @@ async def run_worker(settings: Settings, ports: Ports, *, stop: asyncio.Event | 
         )
         await health.start()
     log.info("worker %s starting", worker_id)
+    maintenance = asyncio.create_task(_maintain(wiring, io))
     try:
         code = await worker.run_until(stop)
     finally:
+        maintenance.cancel()
+        with suppress(asyncio.CancelledError):
+            await maintenance
         if health is not None:
             await health.stop()
         await connection.close()
         io.shutdown(wait=False, cancel_futures=True)
         gpu.shutdown(wait=False, cancel_futures=True)
+        for close in wiring.closers:
+            with suppress(Exception):
+                close()
     log.info("worker %s stopped (exit %d)", worker_id, code)
     return code

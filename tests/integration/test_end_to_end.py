@@ -1,0 +1,239 @@
+"""The whole pipeline on the real services: RabbitMQ, slapd, SQLite/PostgreSQL ledger,
+SeaweedFS and the tiny model, wired exactly as `zimage-pipeline worker` wires them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, select
+
+from tests.conftest import PROJECT_ROOT
+from tests.integration.worker_harness import (
+    client,
+    client_password,
+    delete_private_topology,
+    private_settings,
+    running_worker,
+)
+from zimage_pipeline.engine.tiny import make_tiny_model
+from zimage_pipeline.ledger import migrate
+from zimage_pipeline.ledger.models import Job
+from zimage_pipeline.provenance import read_provenance
+from zimage_pipeline.settings import Settings, load_settings
+from zimage_pipeline.storage import ObjectStore
+from zimage_pipeline.wiring import Wiring, build
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("e2e-model") / "tiny")
+
+
+def e2e_settings(tiny_model: Path, ledger_url: str, **worker: Any) -> Settings:
+    base = private_settings(**worker)
+    ledger = create_engine(ledger_url)
+    migrate.upgrade(ledger)
+    ledger.dispose()
+    return load_settings(
+        broker=base.broker.model_dump(),
+        worker=base.worker.model_dump(),
+        database={"url": ledger_url},
+        engine={"model_path": str(tiny_model), "device": "cpu"},
+        storage={"prefix": f"e2e-{uuid.uuid4().hex[:8]}"},
+    )
+
+
+@pytest.fixture
+async def stack(tiny_model: Path, ledger_url: str) -> AsyncIterator[tuple[Settings, Wiring]]:
+    settings = e2e_settings(tiny_model, ledger_url)
+    wiring = build(settings)
+    try:
+        yield settings, wiring
+    finally:
+        for close in wiring.closers:
+            close()
+        await delete_private_topology(settings)
+
+
+def request(request_id: str, on_behalf_of: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "request_id": request_id,
+        "on_behalf_of": on_behalf_of,
+        "prompt": "一只红狐狸 in the snow",
+        "width": 128,
+        "height": 128,
+        "steps": 2,
+        **fields,
+    }
+
+
+async def test_requests_end_in_the_expected_outcomes(stack: tuple[Settings, Wiring]) -> None:
+    settings, wiring = stack
+    async with (
+        running_worker(settings, wiring.ports),
+        client(settings, "alice") as alice,
+        client(settings, "cms-publisher") as cms,
+        client(settings, "carol") as carol,
+        client(settings, "dave") as dave,
+        client(settings, "bob") as bob,
+    ):
+        await alice.publish(
+            request("e2e-alice", "alice", num_images=2, labels={"cms.asset_id": "A1"})
+        )
+        await cms.publish(request("e2e-hero", "alice", format="webp"), priority="interactive")
+        await bob.publish(request("e2e-bob-for-alice", "alice"))
+        await carol.publish(request("e2e-carol", "carol"))
+        await dave.publish(request("e2e-dave", "dave"))
+        await alice.publish(request("e2e-too-big", "alice", num_images=8))
+        results = {
+            rid: await alice.result_of(rid, wait_s=120)
+            for rid in (
+                "e2e-alice",
+                "e2e-hero",
+                "e2e-bob-for-alice",
+                "e2e-carol",
+                "e2e-dave",
+                "e2e-too-big",
+            )
+        }
+
+    outcome = {rid: (r["status"], r.get("reason")) for rid, r in results.items()}
+    assert outcome == {
+        "e2e-alice": ("succeeded", None),
+        "e2e-hero": ("succeeded", None),
+        "e2e-bob-for-alice": ("rejected", "DELEGATION_NOT_ALLOWED"),
+        "e2e-carol": ("rejected", "NOT_AUTHORIZED"),
+        "e2e-dave": ("rejected", "ACCOUNT_DISABLED"),
+        "e2e-too-big": ("rejected", "POLICY_VIOLATION"),
+    }
+    alice_result = results["e2e-alice"]
+    assert [i["seed"] for i in alice_result["images"]] == [
+        alice_result["images"][0]["seed"],
+        alice_result["images"][0]["seed"] + 1,
+    ]
+    assert alice_result["quota_remaining"]["day"] == 100 - 2 - 1  # editor: 100 a day; hero 1
+
+    # The stored images are what the result says, and carry their provenance.
+    store = ObjectStore(settings.storage)
+    for rid in ("e2e-alice", "e2e-hero"):
+        for image in results[rid]["images"]:
+            data = store.get_object(image["key"])
+            assert hashlib.sha256(data).hexdigest() == image["sha256"]
+            report = read_provenance(data)
+            assert report.marked_as_ai, report
+            assert report.xmp["zimage:RequestId"] == rid
+            assert report.xmp["zimage:Seed"] == str(image["seed"])
+    assert results["e2e-hero"]["images"][0]["format"] == "webp"
+
+    # The ledger agrees: one terminal row per request.
+    engine = create_engine(settings.database.url)
+    with engine.connect() as conn:
+        rows = {j.request_id: j.status for j in conn.execute(select(Job.request_id, Job.status))}
+    engine.dispose()
+    assert {rid: rows[rid] for rid in outcome} == {rid: s for rid, (s, _) in outcome.items()}
+
+
+def _worker_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "ZIMAGE_BROKER__REQUESTS_EXCHANGE": settings.broker.requests_exchange,
+            "ZIMAGE_BROKER__REQUESTS_QUEUE": settings.broker.requests_queue,
+            "ZIMAGE_BROKER__RESULTS_EXCHANGE": settings.broker.results_exchange,
+            "ZIMAGE_BROKER__DEAD_LETTER_EXCHANGE": settings.broker.dead_letter_exchange,
+            "ZIMAGE_DATABASE__URL": settings.database.url,
+            "ZIMAGE_ENGINE__MODEL_PATH": settings.engine.model_path,
+            "ZIMAGE_ENGINE__DEVICE": "cpu",
+            "ZIMAGE_STORAGE__PREFIX": settings.storage.prefix,
+            "ZIMAGE_WORKER__HTTP_PORT": "0",
+            "ZIMAGE_LOGGING__JSON_LOGS": "true",
+        }
+    )
+    return env
+
+
+@pytest.fixture
+def worker_process(
+    tiny_model: Path, sqlite_url: str
+) -> Iterator[tuple[Settings, subprocess.Popen[str]]]:
+    settings = e2e_settings(tiny_model, sqlite_url)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "zimage_pipeline.cli", "worker"],
+        cwd=PROJECT_ROOT,
+        env=_worker_env(settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        yield settings, process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+        import asyncio
+
+        asyncio.run(delete_private_topology(settings))
+
+
+def test_cli_worker_and_submit_then_sigterm_exits_zero(
+    worker_process: tuple[Settings, subprocess.Popen[str]],
+) -> None:
+    settings, process = worker_process
+    env = _worker_env(settings)
+    env.update(
+        {"ZIMAGE_CLIENT__USERNAME": "alice", "ZIMAGE_CLIENT__PASSWORD": client_password("alice")}
+    )
+    deadline = time.monotonic() + 120
+    submitted = None
+    while time.monotonic() < deadline:  # the worker declares the topology once warm
+        submitted = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "zimage_pipeline.cli",
+                "submit",
+                "--prompt",
+                "a quiet harbour",
+                "--width",
+                "128",
+                "--height",
+                "128",
+                "--steps",
+                "2",
+                "--request-id",
+                "cli-1",
+                "--label",
+                "pim.sku=SKU-42",
+            ],
+            cwd=PROJECT_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        if "NOT_FOUND" not in submitted.stderr and "no exchange" not in submitted.stderr:
+            break
+        time.sleep(2)
+    assert submitted is not None
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    assert '"status": "succeeded"' in submitted.stdout
+    assert "SKU-42" in submitted.stdout
+
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert "a quiet harbour" not in output  # prompts stay out of the logs
+    assert '"request_id": "cli-1"' in output  # job lines carry the request id

@@ -1,0 +1,173 @@
+"""The request service (the core) against in-memory fakes of its ports."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from tests.fakes import (
+    GENEROUS,
+    FakeAudit,
+    FakeAuthorizer,
+    FakeEncoder,
+    FakeEngine,
+    FakeJobs,
+    FakeQuota,
+    FakeStore,
+)
+from zimage_pipeline.decoding import decode_request
+from zimage_pipeline.errors import DependencyUnavailable, Disposition
+from zimage_pipeline.messages import Status
+from zimage_pipeline.ports import Limits
+from zimage_pipeline.service import (
+    Ports,
+    RequestService,
+    ServiceConfig,
+    effective_seed,
+    payload_digest,
+)
+
+POOL = ThreadPoolExecutor(max_workers=2)
+
+
+def make(**overrides: Any) -> tuple[RequestService, Ports]:
+    ports = Ports(
+        jobs=FakeJobs(),
+        authorizer=FakeAuthorizer(users={"alice": GENEROUS}, delegators={"cms"}),
+        quota=FakeQuota(daily=3),
+        engine=FakeEngine(),
+        encoder=FakeEncoder(),
+        store=FakeStore(),
+        audit=FakeAudit(),
+    )
+    for name, value in overrides.items():
+        setattr(ports, name, value)
+    return RequestService(
+        ports, ServiceConfig(worker_id="w1"), gpu_executor=POOL, io_executor=POOL
+    ), ports
+
+
+def body(request_id: str = "r1", **fields: Any) -> bytes:
+    return json.dumps(
+        {
+            "request_id": request_id,
+            "on_behalf_of": "alice",
+            "prompt": "a cat",
+            "width": 64,
+            "height": 64,
+            **fields,
+        }
+    ).encode()
+
+
+async def test_success_charges_once_and_records_every_step() -> None:
+    service, ports = make()
+    outcome = await service.handle(body(num_images=2, seed=100), principal="alice")
+    result = outcome.result
+    assert result.status is Status.SUCCEEDED
+    assert [i.seed for i in result.images] == [100, 101]
+    assert result.quota_remaining is not None and result.quota_remaining.day == 1
+    assert ports.quota.committed == {"r1": ("alice", 2)}  # type: ignore[attr-defined]
+    events = [e for _, e in ports.audit.events]  # type: ignore[attr-defined]
+    assert events == [
+        "received",
+        "authorized",
+        "quota_reserved",
+        "generated",
+        "stored",
+        "quota_committed",
+    ]
+
+
+async def test_seed_is_drawn_reproducibly_and_recorded() -> None:
+    request = decode_request(body())
+    seed = effective_seed(request, payload_digest(request))
+    assert seed == effective_seed(request, payload_digest(request))
+    service, _ = make()
+    result = (await service.handle(body(), principal="alice")).result
+    assert result.images[0].seed == seed
+
+
+async def test_redelivery_after_success_republishes_without_generating() -> None:
+    service, ports = make()
+    first = await service.handle(body(), principal="alice")
+    again = await service.handle(body(), principal="alice")
+    assert again.republished and again.result == first.result
+    assert len(ports.engine.calls) == 1  # type: ignore[attr-defined]
+
+
+async def test_quota_exceeded_is_rejected_and_nothing_is_charged() -> None:
+    service, ports = make()
+    result = (await service.handle(body(num_images=4), principal="alice")).result
+    assert (result.status, result.reason) == (Status.REJECTED, "QUOTA_EXCEEDED")
+    assert not ports.quota.committed and not ports.engine.calls  # type: ignore[attr-defined]
+
+
+async def test_policy_limits_name_what_was_exceeded() -> None:
+    tight = Limits(
+        generate=True,
+        delegate=False,
+        max_pixels=64 * 64,
+        max_side=64,
+        max_images=1,
+        max_steps=4,
+        formats=GENEROUS.formats,
+        priorities=GENEROUS.priorities,
+    )
+    service, _ = make(authorizer=FakeAuthorizer(users={"alice": tight}))
+    result = (
+        await service.handle(body(width=128, steps=8, num_images=2), principal="alice")
+    ).result
+    assert result.reason == "POLICY_VIOLATION"
+    assert result.message is not None
+    for named in ("width/height", "num_images", "steps"):
+        assert named in result.message
+
+
+async def test_user_without_generation_role_is_rejected() -> None:
+    no_role = (
+        Limits(**{**GENEROUS.__dict__, "generate": False})
+        if hasattr(GENEROUS, "__dict__")
+        else None
+    )
+    limits = no_role or Limits(False, False, 1, 1, 1, 1, frozenset(), frozenset())
+    service, _ = make(authorizer=FakeAuthorizer(users={"alice": limits}))
+    result = (await service.handle(body(), principal="alice")).result
+    assert (result.status, result.reason) == (Status.REJECTED, "NOT_AUTHORIZED")
+
+
+async def test_expired_request_ends_expired_without_charge() -> None:
+    service, ports = make()
+    past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+    result = (await service.handle(body(expires_at=past), principal="alice")).result
+    assert result.status is Status.EXPIRED
+    assert not ports.quota.reserved and not ports.quota.committed  # type: ignore[attr-defined]
+
+
+async def test_transient_failure_propagates_for_retry_and_keeps_no_charge() -> None:
+    service, ports = make(store=FakeStore(failures=1))
+    with pytest.raises(DependencyUnavailable) as excinfo:
+        await service.handle(body(), principal="alice")
+    assert excinfo.value.disposition is Disposition.RETRY
+    assert not ports.quota.committed  # type: ignore[attr-defined]
+    result = (await service.handle(body(), principal="alice")).result  # the retry
+    assert result.status is Status.SUCCEEDED
+    assert ports.quota.committed == {"r1": ("alice", 1)}  # type: ignore[attr-defined]
+
+
+async def test_missing_publisher_identity_is_rejected() -> None:
+    service, _ = make()
+    outcome = await service.handle(body(), principal=None)
+    assert outcome.dead_letter and outcome.result.reason == "UNAUTHENTICATED_PUBLISHER"
+
+
+async def test_cancelled_before_arrival_answers_cancelled() -> None:
+    service, ports = make()
+    assert await service.cancel("r1", principal="alice")
+    outcome = await service.handle(body(), principal="alice")
+    assert outcome.result.status is Status.CANCELLED
+    assert not ports.engine.calls  # type: ignore[attr-defined]

@@ -1,0 +1,155 @@
+"""Building the results of the core: success, rejection, failure."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from zimage_pipeline.errors import ZImageError
+from zimage_pipeline.messages import (
+    GenerationRequest,
+    GenerationResult,
+    ModelInfo,
+    QuotaRemaining,
+    Status,
+    StoredImage,
+)
+from zimage_pipeline.ports import (
+    Authorization,
+    EncodedImage,
+    ImageSpec,
+    ModelIdentity,
+    QuotaLeft,
+    RawImage,
+    StoredOutputs,
+)
+
+
+def rejected(
+    request_id: str, error: ZImageError, *, status: Status = Status.REJECTED
+) -> GenerationResult:
+    return GenerationResult(
+        request_id=request_id,
+        status=status,
+        reason=error.reason,
+        message=str(error),
+        finished_at=datetime.now(UTC),
+    )
+
+
+def succeeded_result(
+    request: GenerationRequest,
+    *,
+    outputs: StoredOutputs,
+    encoded: Sequence[EncodedImage],
+    model: ModelIdentity,
+    left: QuotaLeft,
+    timings: dict[str, float],
+    finished_at: datetime,
+) -> GenerationResult:
+    return GenerationResult(
+        request_id=request.request_id,
+        status=Status.SUCCEEDED,
+        on_behalf_of=request.on_behalf_of,
+        images=[
+            StoredImage(
+                bucket=ref.bucket,
+                key=ref.key,
+                version_id=ref.version_id,
+                sha256=ref.sha256,
+                bytes=ref.size,
+                width=image.width,
+                height=image.height,
+                format=image.format,
+                seed=image.seed,
+                url=ref.url,
+            )
+            for ref, image in zip(outputs.images, encoded, strict=True)
+        ],
+        audit_record_key=outputs.audit_record_key,
+        timings_s=dict(timings),
+        model=ModelInfo(
+            name=model.name, revision=model.revision, weights_sha256=model.weights_sha256
+        ),
+        quota_remaining=QuotaRemaining(day=left.day, month=left.month),
+        labels=dict(request.labels),
+        finished_at=finished_at,
+    )
+
+
+MAX_SEED = 2**63 - 1
+
+
+def image_specs(request: GenerationRequest, base_seed: int) -> list[ImageSpec]:
+    """One spec per image; image n uses seed base_seed + n (recorded in the result)."""
+    return [
+        ImageSpec(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            width=request.width,
+            height=request.height,
+            steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            seed=(base_seed + index) % (MAX_SEED + 1),
+        )
+        for index in range(request.num_images)
+    ]
+
+
+def _model_dict(model: ModelIdentity) -> dict[str, Any]:
+    return {"name": model.name, "revision": model.revision, "weights_sha256": model.weights_sha256}
+
+
+def generated_payload(
+    request: GenerationRequest,
+    model: ModelIdentity,
+    images: Sequence[RawImage],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    return {
+        "model": _model_dict(model),
+        "seeds": [image.seed for image in images],
+        "parameters": {
+            "width": request.width,
+            "height": request.height,
+            "steps": request.steps,
+            "guidance_scale": request.guidance_scale,
+        },
+        "generate_s": timings.get("generate"),
+    }
+
+
+def stored_payload(outputs: StoredOutputs) -> dict[str, Any]:
+    return {
+        "objects": [{"key": o.key, "sha256": o.sha256, "bytes": o.size} for o in outputs.images],
+        "audit_record_key": outputs.audit_record_key,
+    }
+
+
+def audit_record_of(
+    request: GenerationRequest,
+    *,
+    payload_sha256: str,
+    auth: Authorization,
+    model: ModelIdentity,
+    seeds: list[int],
+    timings: dict[str, float],
+    worker_id: str,
+    attempt: int,
+) -> dict[str, Any]:
+    """The JSON record stored beside the images: everything compliance asks about."""
+    return {
+        "request": request.model_dump(mode="json", by_alias=True),
+        "payload_sha256": payload_sha256,
+        "principal": auth.principal,
+        "subject": auth.subject,
+        "decision": "authorized",
+        "roles_snapshot": dict(auth.roles_snapshot),
+        "quota": {"reserved": request.num_images},
+        "model": _model_dict(model),
+        "seeds": seeds,
+        "timings_s": dict(timings),
+        "worker_id": worker_id,
+        "attempt": attempt,
+    }

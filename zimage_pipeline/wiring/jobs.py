@@ -1,0 +1,91 @@
+"""Jobs port on the ledger's JobStore, with cancel-before-arrival tombstones."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from zimage_pipeline.ledger import jobs as ledger_jobs
+from zimage_pipeline.ledger.models import JobStatus
+from zimage_pipeline.messages import GenerationResult, Status
+from zimage_pipeline.ports import BeginKind, JobBegin
+
+# The payload digest of a job row created by a cancel that arrived before its request:
+# no real request can hash to it (a SHA-256 hex digest has 64 characters).
+TOMBSTONE = "cancelled-before-arrival"
+
+
+def cancelled_result(request_id: str) -> dict[str, Any]:
+    result = GenerationResult(
+        request_id=request_id,
+        status=Status.CANCELLED,
+        reason="CANCELLED",
+        message="cancelled before it started; nothing was charged",
+        finished_at=datetime.now(UTC),
+    )
+    return result.model_dump(mode="json", by_alias=True)
+
+
+class LedgerJobs:
+    def __init__(self, store: ledger_jobs.JobStore) -> None:
+        self._store = store
+
+    def begin(
+        self,
+        *,
+        request_id: str,
+        payload_sha256: str,
+        principal: str,
+        on_behalf_of: str,
+        worker_id: str,
+    ) -> JobBegin:
+        begun = self._store.begin(
+            request_id=request_id,
+            payload_sha256=payload_sha256,
+            principal=principal,
+            on_behalf_of=on_behalf_of,
+            worker_id=worker_id,
+        )
+        job = begun.job
+        if begun.kind is ledger_jobs.BeginKind.CONFLICT:
+            cancelled_early = (
+                job.payload_sha256 == TOMBSTONE
+                and job.status is JobStatus.CANCELLED
+                and job.principal in (principal, on_behalf_of)
+            )
+            if cancelled_early and job.result is not None:
+                return JobBegin(BeginKind.TERMINAL, job.attempts, job.created_at, job.result)
+            return JobBegin(BeginKind.CONFLICT, job.attempts, job.created_at)
+        if begun.kind is ledger_jobs.BeginKind.TERMINAL:
+            return JobBegin(BeginKind.TERMINAL, job.attempts, job.created_at, job.result)
+        return JobBegin(BeginKind.NEW, job.attempts, job.created_at)
+
+    def mark(
+        self, request_id: str, status: str, *, roles_snapshot: Mapping[str, Any] | None = None
+    ) -> None:
+        self._store.mark(request_id, status, roles_snapshot=roles_snapshot)
+
+    def finish(
+        self, request_id: str, status: str, *, reason: str | None, result: Mapping[str, Any]
+    ) -> None:
+        self._store.finish(request_id, status, reason=reason, result=result)
+
+    def cancel(self, request_id: str, *, principal: str) -> bool:
+        """Cancel a request that has not started. A cancel may overtake its request (they
+        travel on different queues): then a tombstone row answers the request later."""
+        if self._store.get(request_id) is None:
+            begun = self._store.begin(
+                request_id=request_id,
+                payload_sha256=TOMBSTONE,
+                principal=principal,
+                on_behalf_of=principal,
+                worker_id="cancel",
+            )
+            if begun.kind is not ledger_jobs.BeginKind.NEW:  # the request won the race
+                return self._store.cancel(
+                    request_id, principal=principal, result=cancelled_result(request_id)
+                )
+        return self._store.cancel(
+            request_id, principal=principal, result=cancelled_result(request_id)
+        )

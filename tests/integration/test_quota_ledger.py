@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import Engine, insert
+from sqlalchemy import Connection, Engine, insert
 from sqlalchemy.exc import IntegrityError
 
 from tests.integration.quota_support import counter, entry_kinds, migrated_engine
@@ -21,6 +21,7 @@ from zimage_pipeline.ledger.quota_types import (
     Window,
     team_subject,
 )
+from zimage_pipeline.ledger.txn import run_write
 from zimage_pipeline.policy import QuotaLimits, TeamBudget
 
 pytestmark = pytest.mark.integration
@@ -193,3 +194,18 @@ def test_grant_tops_up_once_and_set_limit_overrides(ledger: QuotaLedger, engine:
     ledger.set_limit("user:alice", images_per_day=None, images_per_month=None, actor="ops")
     assert ledger.usage("user:alice", limits=LIMITS, now=NOON).window(Window.MONTH).limit == 8
     assert entry_kinds(engine)["set_limit"] == 3 and entry_kinds(engine)["grant"] == 1
+
+
+def test_commit_can_join_the_callers_transaction(ledger: QuotaLedger, engine: Engine) -> None:
+    """The worker commits the charge and its audit events in one transaction."""
+    reserve(ledger, "r1", 2)
+
+    def fail_after_commit(connection: Connection) -> None:
+        ledger.commit("r1", 2, connection=connection)
+        raise RuntimeError("the audit append failed")
+
+    with pytest.raises(RuntimeError):
+        run_write(engine, fail_after_commit)
+    assert counter(engine, "user:alice", "day") == (0, 2, 0)  # rolled back together
+    run_write(engine, lambda connection: ledger.commit("r1", 2, connection=connection))
+    assert counter(engine, "user:alice", "day") == (2, 0, 0)

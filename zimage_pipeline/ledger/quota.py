@@ -12,13 +12,15 @@ how SQLite and PostgreSQL serialize the writers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, select, update
 
 from zimage_pipeline.ledger import quota_admin
-from zimage_pipeline.ledger.quota_ops import move, reload, reserve_rows, set_state
+from zimage_pipeline.ledger.quota_ops import move, reserve_rows, set_state
 from zimage_pipeline.ledger.quota_rows import RESERVATIONS, append_entry, get_reservation
 from zimage_pipeline.ledger.quota_types import (
     EntryKind,
@@ -37,6 +39,7 @@ from zimage_pipeline.ledger.txn import DEFAULT_DEADLINE_S, as_utc, run_read, run
 from zimage_pipeline.policy import QuotaLimits, TeamBudget
 
 EXPIRE_BATCH = 500
+T = TypeVar("T")
 
 
 class QuotaLedger:
@@ -78,8 +81,19 @@ class QuotaLedger:
                 raise
             return run_write(self._engine, work, deadline_s=self._deadline_s)
 
-    def commit(self, request_id: str, images: int, *, now: datetime | None = None) -> Reservation:
-        """Charge `images` (<= reserved) as used and give the rest back. Idempotent."""
+    def commit(
+        self,
+        request_id: str,
+        images: int,
+        *,
+        now: datetime | None = None,
+        connection: Connection | None = None,
+    ) -> Reservation:
+        """Charge `images` (<= reserved) as used and give the rest back. Idempotent.
+
+        With `connection`, it joins the caller's open write transaction (to commit the
+        charge together with audit events) and the caller commits; otherwise it runs in
+        its own, retried transaction."""
         at = as_utc(now or utcnow())
 
         def work(connection: Connection) -> Reservation:
@@ -111,15 +125,22 @@ class QuotaLedger:
                 at=at,
                 note="after the lease ran out" if late else None,
             )
-            return reload(connection, request_id)
+            return replace(current, state=ReservationState.COMMITTED, committed=images)
 
-        return run_write(self._engine, work, deadline_s=self._deadline_s)
+        return self._run(work, connection)
 
     def release(
-        self, request_id: str, reason: str, *, now: datetime | None = None
+        self,
+        request_id: str,
+        reason: str,
+        *,
+        now: datetime | None = None,
+        connection: Connection | None = None,
     ) -> Reservation | None:
-        """Give a reservation's images back. Idempotent; None if there was none."""
-        return self._release(request_id, reason, as_utc(now or utcnow()), expired_only=False)
+        """Give a reservation's images back. Idempotent; None if there was none.
+        `connection`: as for commit()."""
+        at = as_utc(now or utcnow())
+        return self._release(request_id, reason, at, expired_only=False, connection=connection)
 
     def extend_lease(
         self, request_id: str, lease_s: float, *, now: datetime | None = None
@@ -226,8 +247,19 @@ class QuotaLedger:
 
     # -- internals --------------------------------------------------------------------------
 
+    def _run(self, work: Callable[[Connection], T], connection: Connection | None) -> T:
+        if connection is not None:
+            return work(connection)
+        return run_write(self._engine, work, deadline_s=self._deadline_s)
+
     def _release(
-        self, request_id: str, reason: str, at: datetime, *, expired_only: bool
+        self,
+        request_id: str,
+        reason: str,
+        at: datetime,
+        *,
+        expired_only: bool,
+        connection: Connection | None = None,
     ) -> Reservation | None:
         def work(connection: Connection) -> Reservation | None:
             current = get_reservation(connection, request_id, for_update=True)
@@ -247,6 +279,6 @@ class QuotaLedger:
                 at=at,
                 note=reason,
             )
-            return reload(connection, request_id)
+            return replace(current, state=state)
 
-        return run_write(self._engine, work, deadline_s=self._deadline_s)
+        return self._run(work, connection)

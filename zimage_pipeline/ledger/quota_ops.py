@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from zimage_pipeline.ledger.quota_rows import (
     COUNTERS,
@@ -13,9 +15,8 @@ from zimage_pipeline.ledger.quota_rows import (
     counter_keys,
     effective_limits,
     get_reservation,
-    limit_overrides,
     lock_counters,
-    to_reservation,
+    overrides_of,
 )
 from zimage_pipeline.ledger.quota_types import (
     EntryKind,
@@ -25,6 +26,7 @@ from zimage_pipeline.ledger.quota_types import (
     Window,
     periods,
 )
+from zimage_pipeline.ledger.txn import is_sqlite
 from zimage_pipeline.policy import QuotaLimits
 
 
@@ -36,17 +38,36 @@ def reserve_rows(
     at: datetime,
     lease_s: float,
 ) -> Reservation:
-    existing = get_reservation(connection, request_id)
-    if existing is not None:
-        return existing
     per = periods(at)
     day, month = per[Window.DAY], per[Window.MONTH]
-    limits = effective_limits(planned, limit_overrides(connection, planned))
     rows = lock_counters(connection, counter_keys(planned, day, month))
-    # Under the locks: a concurrent redelivery of this request may have committed first.
-    existing = get_reservation(connection, request_id)
-    if existing is not None:
+    subjects = list(planned)
+    lease_expires_at = at + timedelta(seconds=lease_s)
+    # The reservation row goes in first, under the counter locks: its unique request_id
+    # is the idempotency check (a redelivery finds its own reservation and charges
+    # nothing). A refusal below rolls the whole transaction back, this row included.
+    dialect_insert = sqlite_insert if is_sqlite(connection) else pg_insert
+    inserted = connection.execute(
+        dialect_insert(RESERVATIONS)
+        .values(
+            request_id=request_id,
+            subjects=subjects,
+            day=day,
+            month=month,
+            images=images,
+            state=ReservationState.RESERVED.value,
+            lease_expires_at=lease_expires_at,
+            created_at=at,
+            updated_at=at,
+        )
+        .on_conflict_do_nothing(index_elements=[RESERVATIONS.c.request_id])
+        .returning(RESERVATIONS.c.id)
+    ).first()
+    if inserted is None:
+        existing = get_reservation(connection, request_id)
+        assert existing is not None  # the conflict was on request_id
         return existing
+    limits = effective_limits(planned, overrides_of(rows.values()))
     for subject, subject_limits in limits.items():  # the user first: the clearest message
         for window, period, limit in (
             (Window.DAY, day, subject_limits.images_per_day),
@@ -66,21 +87,6 @@ def reserve_rows(
         update(COUNTERS)
         .where(COUNTERS.c.id.in_([r.id for r in rows.values()]))
         .values(reserved=COUNTERS.c.reserved + images)
-    )
-    subjects = list(planned)
-    lease_expires_at = at + timedelta(seconds=lease_s)
-    connection.execute(
-        RESERVATIONS.insert().values(
-            request_id=request_id,
-            subjects=subjects,
-            day=day,
-            month=month,
-            images=images,
-            state=ReservationState.RESERVED.value,
-            lease_expires_at=lease_expires_at,
-            created_at=at,
-            updated_at=at,
-        )
     )
     append_entry(
         connection,
@@ -128,10 +134,3 @@ def set_state(
     connection.execute(
         update(RESERVATIONS).where(RESERVATIONS.c.request_id == request_id).values(**values)
     )
-
-
-def reload(connection: Connection, request_id: str) -> Reservation:
-    row = connection.execute(
-        select(RESERVATIONS).where(RESERVATIONS.c.request_id == request_id)
-    ).one()
-    return to_reservation(row)

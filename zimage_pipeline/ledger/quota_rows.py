@@ -26,6 +26,7 @@ ENTRIES = cast(Table, QuotaEntry.__table__)
 LIMITS = cast(Table, QuotaLimit.__table__)
 
 CounterKey = tuple[str, str, str]  # (subject, window, period)
+Override = tuple[int | None, int | None]  # (images_per_day, images_per_month); None: policy
 
 
 def counter_keys(subjects: Iterable[str], day: str, month: str) -> list[CounterKey]:
@@ -38,13 +39,25 @@ def counter_keys(subjects: Iterable[str], day: str, month: str) -> list[CounterK
 def lock_counters(connection: Connection, keys: Sequence[CounterKey]) -> dict[CounterKey, Row[Any]]:
     """The counter rows of `keys`, created at zero if missing, locked until commit.
 
-    PostgreSQL: SELECT ... ORDER BY ... FOR UPDATE locks them in key order. SQLite: the
+    Each row also carries its subject's administrator override (`override_day`,
+    `override_month`, `has_override`), read in the same round trip. PostgreSQL:
+    SELECT ... ORDER BY ... FOR UPDATE OF the counters locks them in key order. SQLite: the
     transaction already holds the database write lock (BEGIN IMMEDIATE).
     """
     columns = (COUNTERS.c.subject, COUNTERS.c.window_kind, COUNTERS.c.period)
-    query = select(COUNTERS).where(tuple_(*columns).in_(list(keys))).order_by(*columns)
+    query = (
+        select(
+            COUNTERS,
+            LIMITS.c.images_per_day.label("override_day"),
+            LIMITS.c.images_per_month.label("override_month"),
+            LIMITS.c.id.is_not(None).label("has_override"),
+        )
+        .select_from(COUNTERS.outerjoin(LIMITS, LIMITS.c.subject == COUNTERS.c.subject))
+        .where(tuple_(*columns).in_(list(keys)))
+        .order_by(*columns)
+    )
     if not is_sqlite(connection):
-        query = query.with_for_update()
+        query = query.with_for_update(of=COUNTERS)
     rows = {(r.subject, r.window_kind, r.period): r for r in connection.execute(query)}
     missing = [k for k in keys if k not in rows]
     if missing:
@@ -68,6 +81,10 @@ def lock_counters(connection: Connection, keys: Sequence[CounterKey]) -> dict[Co
         )
         rows = {(r.subject, r.window_kind, r.period): r for r in connection.execute(query)}
     return rows
+
+
+def overrides_of(rows: Iterable[Row[Any]]) -> dict[str, Override]:
+    return {r.subject: (r.override_day, r.override_month) for r in rows if r.has_override}
 
 
 def get_reservation(
@@ -94,23 +111,23 @@ def to_reservation(row: Row[Any], *, created: bool = False) -> Reservation:
     )
 
 
-def limit_overrides(connection: Connection, subjects: Iterable[str]) -> dict[str, Row[Any]]:
+def limit_overrides(connection: Connection, subjects: Iterable[str]) -> dict[str, Override]:
     query = select(LIMITS).where(LIMITS.c.subject.in_(list(subjects)))
-    return {row.subject: row for row in connection.execute(query)}
+    return {r.subject: (r.images_per_day, r.images_per_month) for r in connection.execute(query)}
 
 
 def effective_limits(
-    planned: Mapping[str, QuotaLimits], overrides: Mapping[str, Row[Any]]
+    planned: Mapping[str, QuotaLimits], overrides: Mapping[str, Override]
 ) -> dict[str, QuotaLimits]:
     """An administrator's `quota set` overrides the policy, window by window."""
     out = {}
     for subject, limits in planned.items():
-        row = overrides.get(subject)
         day, month = limits.images_per_day, limits.images_per_month
-        if row is not None:
-            day = row.images_per_day if row.images_per_day is not None else day
-            month = row.images_per_month if row.images_per_month is not None else month
-        out[subject] = QuotaLimits(day, month)
+        override_day, override_month = overrides.get(subject, (None, None))
+        out[subject] = QuotaLimits(
+            override_day if override_day is not None else day,
+            override_month if override_month is not None else month,
+        )
     return out
 
 

@@ -5,7 +5,9 @@
   once instead of the whole model) and of the VAE decoder. The math is the same; only
   kernel fusion and bf16 rounding order change.
 - ``sdpa_cudnn``: cuDNN's fused attention first in PyTorch's SDPA priority list, with
-  flash / memory-efficient / math as fallbacks for inputs cuDNN cannot take.
+  flash / memory-efficient / math as fallbacks for inputs cuDNN cannot take. The choice
+  is made while tracing; changing it between restarts may reuse graphs from the on-disk
+  compile cache traced with the other kernel (both exact, only the speed differs).
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ def compile_pipeline(pipe: Any, *, mode: str | None) -> None:
     # Batch size and caption length vary between requests; after the first recompile
     # dynamo marks those dimensions dynamic instead of recompiling for every value.
     torch._dynamo.config.automatic_dynamic_shapes = True
+    # One block function serves refiners and main layers, with and without modulation
+    # and attention mask, at batch 1 and batch n: about 8 variants, the default limit.
+    # Past the limit dynamo silently runs eager, a slowdown nobody would notice.
+    dynamo_config: Any = torch._dynamo.config
+    limit_name = (
+        "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    )
+    setattr(dynamo_config, limit_name, 64)
     options: dict[str, Any] = {"fullgraph": True}
     if mode:
         options["mode"] = mode
@@ -50,5 +60,9 @@ def attention_priority(backend: str, device: Any) -> Iterator[None]:
         SDPBackend.EFFICIENT_ATTENTION,
         SDPBackend.MATH,
     ]
-    with sdpa_kernel(order, set_priority=True):
+    try:
+        context = sdpa_kernel(order, set_priority=True)
+    except TypeError:  # a torch without priorities: cuDNN becomes one of the allowed kernels
+        context = sdpa_kernel(order)
+    with context:
         yield

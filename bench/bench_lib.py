@@ -1,0 +1,176 @@
+"""Helpers for turbo_bench.py: timing, FLOP counting, comparisons, the report."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def transformer_inputs(
+    pipe: Any, prompt: str, *, width: int, height: int, batch: int, device: torch.device
+) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+    """What the pipeline passes the transformer at one step (unpadded caption, as both
+    diffusers and the engine hand it over after masking)."""
+    with torch.inference_mode():
+        caps, _ = pipe.encode_prompt(
+            prompt=[prompt] * batch,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=512,
+        )
+        generator = torch.Generator("cpu").manual_seed(123)
+        latents = torch.randn((batch, 16, height // 8, width // 8), generator=generator)
+        latents = latents.to(device=device, dtype=pipe.transformer.dtype)
+        x = list(latents.unsqueeze(2).unbind(0))
+        t = torch.full((batch,), 0.5, device=device)
+    return x, t, list(caps)
+
+
+def forward(pipe: Any, inputs: tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]) -> Any:
+    x, t, caps = inputs
+    with torch.inference_mode():
+        return pipe.transformer(list(x), t, list(caps), return_dict=False)[0]
+
+
+def count_flops(pipe: Any, inputs: Any) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        forward(pipe, inputs)
+    return int(counter.get_total_flops())
+
+
+def time_forward(pipe: Any, inputs: Any, device: torch.device, repeats: int = 5) -> float:
+    for _ in range(2):
+        forward(pipe, inputs)
+    return median([timed(lambda: forward(pipe, inputs), device)[0] for _ in range(repeats)])
+
+
+def relative_error(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    a = torch.cat([o.float().flatten() for o in out])
+    b = torch.cat([r.float().flatten() for r in ref])
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def image_difference(a: Any, b: Any) -> dict[str, float]:
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    mse = float(np.mean((x - y) ** 2))
+    psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    return {
+        "mean_abs": float(np.mean(np.abs(x - y))),
+        "max_abs": float(np.max(np.abs(x - y))),
+        "psnr_db": psnr,
+    }
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    import diffusers
+    import transformers
+
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info |= {
+            "gpu": props.name,
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "sm_count": props.multi_processor_count,
+            "capability": f"{props.major}.{props.minor}",
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+        }
+    return info
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / "summary.md").write_text(markdown(results))
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    cfg = r.get("config", {})
+    lines = [
+        f"# Z-Image-Turbo benchmark ({r.get('env', {}).get('gpu', r.get('env', {}).get('device'))})",
+        "",
+        f"{cfg.get('architecture')} architecture, random weights, {cfg.get('width')}x{cfg.get('height')}, "
+        f"{cfg.get('steps')} steps (= transformer forwards), guidance 0, caption "
+        f"{cfg.get('caption_tokens')} tokens; {r.get('env', {}).get('torch')}, "
+        f"diffusers {r.get('env', {}).get('diffusers')}.",
+        "",
+        f"FLOPs per transformer forward (batch 1): {_f(r.get('flops_per_forward', 0) / 1e12, 2)} TFLOP",
+        "",
+        "| path | batch | s/image | images/s | denoise s/forward | TFLOP/s | peak GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, path in r.get("paths", {}).items():
+        for batch, run in path.get("runs", {}).items():
+            lines.append(
+                f"| {name} | {batch} | {_f(run.get('s_per_image'))} | {_f(run.get('images_per_s'), 2)} "
+                f"| {_f(run.get('s_per_forward'), 4)} | {_f(run.get('tflops'), 0)} "
+                f"| {_f(run.get('peak_gib'), 1)} |"
+            )
+    lines += [
+        "",
+        "| path | time to first image s | warmup/compile s | forward rel. err vs eager | image vs eager (mean abs, PSNR) | batch vs single (max abs) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, path in r.get("paths", {}).items():
+        image = path.get("image_vs_eager") or {}
+        batch = path.get("batch_vs_single") or {}
+        lines.append(
+            f"| {name} | {_f(path.get('time_to_first_image_s'), 1)} | {_f(path.get('warmup_s'), 1)} "
+            f"| {_f(path.get('forward_rel_err'), 5)} | {_f(image.get('mean_abs'), 2)}, {_f(image.get('psnr_db'), 1)} dB "
+            f"| {_f(batch.get('max_abs'), 0)} |"
+        )
+    lines += ["", "Speed-up over the eager reference (s/image):", ""]
+    for key, value in r.get("speedup", {}).items():
+        lines.append(f"- {key}: {_f(value, 2)}x")
+    if r.get("notes"):
+        lines += ["", *[f"- {n}" for n in r["notes"]]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,239 @@
+"""Z-Image-Turbo: plain diffusers (eager reference) against the project's TurboEngine.
+
+One process, one run: builds the full-size architecture with random weights on the GPU
+(or the tiny one on the CPU with --tiny), times the eager ZImagePipeline call exactly as
+diffusers documents it, then wraps the same pipeline in TurboEngine (the code path the
+worker uses) for each attention variant, and writes results.json and summary.md.
+
+    python bench/turbo_bench.py --out "$OUT"            # GPU, full size, 1024x1024
+    python bench/turbo_bench.py --tiny --out /tmp/b     # CPU, tiny model, end to end
+"""
+
+from __future__ import annotations
+
+import time
+
+PROCESS_START = time.perf_counter()
+
+import os  # noqa: E402
+
+# Cold compilation for every variant: the on-disk caches could hand the second attention
+# variant graphs traced with the first one's kernel, and a fresh worker has none anyway.
+os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench_lib as lib  # noqa: E402
+import torch  # noqa: E402
+
+from zimage_pipeline.engine.architecture import FULL, TINY, build_random_pipeline  # noqa: E402
+from zimage_pipeline.engine.config import EngineConfig  # noqa: E402
+from zimage_pipeline.engine.engine import TurboEngine  # noqa: E402
+from zimage_pipeline.engine.identity import ModelIdentity  # noqa: E402
+from zimage_pipeline.engine.optimize import attention_priority, compile_pipeline  # noqa: E402
+from zimage_pipeline.engine.types import GenerationSpec  # noqa: E402
+
+# About 110 tokens with the byte-level bench tokenizer: a long-ish real prompt's length.
+PROMPT = (
+    "A product photo of a blue ceramic teapot on an oak table, soft window light, "
+    "shallow depth of field."
+)
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--tiny", action="store_true", help="tiny model on the CPU")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/out")))
+    p.add_argument("--variants", default="sdpa,sdpa_cudnn", help="engine attention variants")
+    p.add_argument("--budget-s", type=float, default=480.0, help="start no variant after this")
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--steps", type=int, default=8)
+    return p.parse_args()
+
+
+def eager_phase(pipe: Any, r: dict[str, Any], a: argparse.Namespace, dev: torch.device) -> Any:
+    """The reference: ZImagePipeline.__call__ with diffusers' defaults (512-token padding,
+    native attention, no compile), CPU generators as the engine uses."""
+
+    def call(batch: int, seed: int) -> Any:
+        gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
+        return pipe(
+            prompt=[PROMPT] * batch,
+            height=a.size,
+            width=a.size,
+            num_inference_steps=a.steps,
+            guidance_scale=0.0,
+            generator=gens,
+        ).images
+
+    path: dict[str, Any] = {"runs": {}}
+    first_s, _ = lib.timed(lambda: call(1, 1000), dev)
+    path["time_to_first_image_s"] = r["build_s"] + first_s
+    reference = None
+    for batch, repeats in ((1, 3), (4, 2)):
+        if batch > 1:
+            call(batch, 2000)  # first call at a new batch size is not timed
+        lib.reset_peak(dev)
+        times = []
+        for rep in range(repeats):
+            seconds, images = lib.timed(lambda: call(batch, 1 + rep), dev)  # noqa: B023
+            times.append(seconds)
+            if batch == 1 and rep == 0:
+                reference = images[0]
+        path["runs"][str(batch)] = _run_stats(times, batch, r, a, lib.peak_gib(dev))
+    r["paths"]["eager"] = path
+    return reference
+
+
+def _run_stats(
+    times: list[float],
+    batch: int,
+    r: dict[str, Any],
+    a: argparse.Namespace,
+    peak: float | None,
+    denoise: list[float] | None = None,
+) -> dict[str, Any]:
+    s_img = lib.median(times) / batch
+    stats: dict[str, Any] = {
+        "times_s": times,
+        "s_per_image": s_img,
+        "images_per_s": 1 / s_img,
+        "peak_gib": peak,
+    }
+    if denoise:
+        per_forward = lib.median(denoise) / a.steps
+        stats["s_per_forward"] = per_forward
+        stats["tflops"] = r["flops_per_forward"] * batch / per_forward / 1e12
+    return stats
+
+
+def engine_phase(
+    pipe: Any,
+    variant: str,
+    r: dict[str, Any],
+    a: argparse.Namespace,
+    dev: torch.device,
+    probe: Any,
+    probe_ref: Any,
+    reference_image: Any,
+) -> None:
+    torch._dynamo.reset()
+    config = EngineConfig(
+        model_path="(in memory)",
+        device=str(dev),
+        attention_backend=variant,
+        max_batch=4,
+        default_steps=a.steps,
+        compile=True,
+    )
+    compile_pipeline(pipe, mode=None)
+    identity = ModelIdentity(
+        name="random-weights", revision=None, weights_sha256="0" * 64, source="memory"
+    )
+    engine = TurboEngine(pipe, config=config, device=dev, identity=identity, compiled=True)
+    path: dict[str, Any] = {"runs": {}}
+    r["paths"][f"engine[{variant}]"] = path
+    path["warmup_s"] = engine.warmup(width=a.size, height=a.size)
+
+    def specs(batch: int, seed: int) -> list[GenerationSpec]:
+        return [
+            GenerationSpec(PROMPT, seed=seed + i, width=a.size, height=a.size, steps=a.steps)
+            for i in range(batch)
+        ]
+
+    first_s, first = lib.timed(lambda: engine.generate(specs(1, 1)), dev)
+    path["time_to_first_image_s"] = r["build_s"] + path["warmup_s"] + first_s
+    path["image_vs_eager"] = lib.image_difference(first[0].image, reference_image)
+    with attention_priority(variant, dev):
+        path["forward_rel_err"] = lib.relative_error(lib.forward(pipe, probe), probe_ref)
+    singles: dict[int, Any] = {}
+    for batch, repeats in ((1, 3), (2, 2), (4, 2)):
+        engine.generate(specs(batch, 500))  # untimed first call at this batch size
+        lib.reset_peak(dev)
+        times, denoise, stages = [], [], []
+        for rep in range(repeats):
+            seconds, images = lib.timed(lambda: engine.generate(specs(batch, 10 + 10 * rep)), dev)  # noqa: B023
+            times.append(seconds)
+            denoise.append(images[0].timings.denoise_s)
+            stages.append(images[0].timings)
+            if batch == 1:
+                singles[images[0].seed] = images[0].image
+            elif batch == 4 and rep == 0:
+                path["batch_vs_single"] = lib.image_difference(images[0].image, singles[10])
+        stats = _run_stats(times, batch, r, a, lib.peak_gib(dev), denoise)
+        stats["stages_s"] = {
+            k: lib.median([getattr(s, k) for s in stages])
+            for k in ("encode_prompt_s", "denoise_s", "decode_s")
+        }
+        path["runs"][str(batch)] = stats
+
+
+def speedups(r: dict[str, Any]) -> None:
+    eager = r["paths"]["eager"]["runs"]
+    best_eager = min(run["s_per_image"] for run in eager.values())
+    for name, path in r["paths"].items():
+        if name == "eager" or not path.get("runs"):
+            continue
+        runs = path["runs"]
+        r["speedup"][f"{name} batch 1 vs eager batch 1"] = (
+            eager["1"]["s_per_image"] / runs["1"]["s_per_image"]
+        )
+        best = min(run["s_per_image"] for run in runs.values())
+        r["speedup"][f"{name} best batch vs eager best batch"] = best_eager / best
+
+
+def main() -> None:
+    a = parse()
+    dev = torch.device("cpu" if a.tiny else "cuda")
+    a.size = a.size or (256 if a.tiny else 1024)
+    dtype = torch.float32 if a.tiny else torch.bfloat16
+    r: dict[str, Any] = {"env": lib.device_info(dev), "paths": {}, "speedup": {}, "notes": []}
+    r["import_s"] = time.perf_counter() - PROCESS_START
+    r["build_s"], pipe = lib.timed(
+        lambda: build_random_pipeline(TINY if a.tiny else FULL, seed=0, dtype=dtype, device=dev),
+        dev,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    r["build_s"] += r["import_s"]
+    probe = lib.transformer_inputs(pipe, PROMPT, width=a.size, height=a.size, batch=1, device=dev)
+    r["config"] = {
+        "architecture": "tiny" if a.tiny else "full-size (6.15B DiT, Qwen3-4B, Flux VAE)",
+        "width": a.size,
+        "height": a.size,
+        "steps": a.steps,
+        "caption_tokens": int(probe[2][0].shape[0]),
+        "dtype": str(dtype),
+    }
+    r["flops_per_forward"] = lib.count_flops(pipe, probe)
+    probe_ref = lib.forward(pipe, probe)
+    eager_forward = lib.time_forward(pipe, probe, dev)
+    r["eager_forward_s"] = eager_forward
+    r["eager_forward_tflops"] = r["flops_per_forward"] / eager_forward / 1e12
+    lib.write_report(r, a.out)
+    reference_image = eager_phase(pipe, r, a, dev)
+    print(f"eager done at {time.perf_counter() - PROCESS_START:.0f}s", flush=True)
+    lib.write_report(r, a.out)
+    for variant in a.variants.split(","):
+        if time.perf_counter() - PROCESS_START > a.budget_s:
+            r["notes"].append(f"engine[{variant}] skipped: time budget spent")
+            continue
+        try:
+            engine_phase(pipe, variant, r, a, dev, probe, probe_ref, reference_image)
+        except Exception as exc:  # keep what was measured so far
+            r["notes"].append(f"engine[{variant}] failed: {type(exc).__name__}: {exc}"[:500])
+        speedups(r)
+        lib.write_report(r, a.out)
+        print(f"engine[{variant}] done at {time.perf_counter() - PROCESS_START:.0f}s", flush=True)
+    r["total_s"] = time.perf_counter() - PROCESS_START
+    lib.write_report(r, a.out)
+    print(lib.markdown(r))
+
+
+if __name__ == "__main__":
+    main()

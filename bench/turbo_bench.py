@@ -29,8 +29,8 @@ from typing import Any  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import bench_lib as lib  # noqa: E402
 import torch  # noqa: E402
+import turbo_lib as lib  # noqa: E402
 
 from zimage_pipeline.engine.architecture import FULL, TINY, build_random_pipeline  # noqa: E402
 from zimage_pipeline.engine.config import EngineConfig  # noqa: E402

@@ -209,7 +209,8 @@ class TurboEngine:
         longest = max(self._token_count(text) for text in prompts + (negatives or []))
         positive, negative = self.pipeline.encode_prompt(
             prompt=prompts,
-            device=self.pipeline._execution_device,
+            # Not pipeline._execution_device: that walks every module (~8 ms per call).
+            device=self.device,
             do_classifier_free_guidance=cfg,
             negative_prompt=negatives,
             max_sequence_length=min(longest, MAX_SEQUENCE_LENGTH),

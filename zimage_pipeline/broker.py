@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 
 import aio_pika
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 
 from zimage_pipeline.settings import BrokerSettings
 
@@ -38,6 +38,22 @@ async def connect_robust(
         password=password
         if password is not None
         else settings.resolved_password().get_secret_value(),
+        virtualhost=settings.virtual_host,
+        ssl=settings.tls,
+        ssl_context=ssl_context_for(settings),
+        timeout=settings.connect_timeout_s,
+        client_properties={"connection_name": name},
+        heartbeat=settings.heartbeat_s,
+    )
+
+
+async def connect(settings: BrokerSettings, *, name: str = "zimage-worker") -> AbstractConnection:
+    """A plain connection: the worker itself notices its loss and reconnects."""
+    return await aio_pika.connect(
+        host=settings.host,
+        port=settings.port,
+        login=settings.username,
+        password=settings.resolved_password().get_secret_value(),
         virtualhost=settings.virtual_host,
         ssl=settings.tls,
         ssl_context=ssl_context_for(settings),

@@ -194,13 +194,12 @@ async def test_heartbeats_survive_a_long_generation(settings: Settings) -> None:
     heartbeats, so the connection is never dropped (no reconnect happens)."""
     ports = make_ports(engine=FakeEngine(delay_s=7.0))
     async with running_worker(settings, ports) as running, client(settings, "alice") as alice:
-        reconnects: list[object] = []
-        running.connection.reconnect_callbacks.add(lambda *args: reconnects.append(args))
         await alice.publish(request("slow-1"))
         result = await alice.next_result(wait_s=40)
-        assert not running.connection.is_closed
+        assert running.worker.ready
+        connections = running.worker.connections_opened
     assert result["status"] == "succeeded"
-    assert reconnects == []
+    assert connections == 1  # never dropped, never reconnected
 
 
 async def test_interactive_overtakes_bulk(settings: Settings) -> None:
@@ -273,3 +272,120 @@ async def test_shutdown_finishes_in_flight_and_requeues_the_rest(settings: Setti
             assert {r["request_id"] for r in rest} == {"drain-1", "drain-2", "drain-3"}
     finally:
         await delete_private_topology(s)
+
+
+async def test_broker_restart_mid_stream_loses_nothing(settings: Settings) -> None:
+    """Given a stream of requests in progress, when RabbitMQ restarts, the worker's robust
+    connection comes back by itself and every request gets its answer, generated once."""
+    import subprocess
+
+    ports = make_ports(engine=FakeEngine(delay_s=0.2))
+    async with (
+        running_worker(settings, ports) as running,
+        client(settings, "alice", durable_tap=True) as alice,
+    ):
+        for i in range(10):
+            await alice.publish(request(f"restart-{i}"))
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(
+            subprocess.run, ["rabbitmqctl", "-q", "stop_app"], check=True, timeout=60
+        )
+        await asyncio.to_thread(
+            subprocess.run, ["rabbitmqctl", "-q", "start_app"], check=True, timeout=120
+        )
+        for _ in range(120):  # the worker reconnects and consumes again
+            if running.worker.ready and running.worker.connections_opened == 2:
+                break
+            await asyncio.sleep(0.5)
+        for i in range(10, 15):
+            for _ in range(60):  # the client's own connection is reconnecting too
+                try:
+                    await alice.publish(request(f"restart-{i}"))
+                    break
+                except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError):
+                    await asyncio.sleep(0.5)
+        seen: set[str] = set()
+        while len(seen) < 15:
+            try:
+                seen.add((await alice.next_result(wait_s=90))["request_id"])
+            except TimeoutError:
+                queues = await asyncio.to_thread(
+                    subprocess.run,
+                    [
+                        "rabbitmqctl",
+                        "-q",
+                        "list_queues",
+                        "name",
+                        "messages",
+                        "messages_unacknowledged",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                mine = [
+                    q
+                    for q in queues.stdout.splitlines()
+                    if settings.broker.requests_queue in q
+                    or "tap" in q
+                    or settings.broker.results_exchange in q
+                ]
+                raise AssertionError(f"answered only {sorted(seen)}; queues: {mine}") from None
+    assert seen == {f"restart-{i}" for i in range(15)}
+    generated = [spec.prompt for call in ports.engine.calls for spec in call]  # type: ignore[attr-defined]
+    assert len(generated) == 15  # a redelivery after the restart republishes, never regenerates
+
+
+async def test_fatal_error_stops_the_worker_non_zero_and_requeues(settings: Settings) -> None:
+    from zimage_pipeline.errors import Disposition, ZImageError
+
+    class StickyCudaError(ZImageError):
+        disposition = Disposition.FATAL
+        reason = "GPU_FAILED"
+
+    class BrokenEngine(FakeEngine):
+        def generate(self, specs):  # type: ignore[no-untyped-def]
+            raise StickyCudaError("CUDA error: an illegal memory access was encountered")
+
+    async with running_worker(settings, make_ports()):
+        pass  # declare the topology
+    async with client(settings, "alice") as alice:
+        async with running_worker(settings, make_ports(engine=BrokenEngine())) as running:
+            await alice.publish(request("fatal-1"))
+            code = await asyncio.wait_for(running.task, 30)
+        assert code == 70
+        # The delivery went back to the queue: a healthy worker answers it.
+        async with running_worker(settings, make_ports()):
+            result = await alice.result_of("fatal-1")
+    assert result["status"] == "succeeded"
+
+
+async def test_health_readiness_and_metrics_over_http(settings: Settings) -> None:
+    from zimage_pipeline.observability import Metrics
+    from zimage_pipeline.worker.health import HealthServer
+
+    async def get(port: int, path: str) -> tuple[int, str]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        await writer.drain()
+        raw = (await reader.read()).decode()
+        writer.close()
+        return int(raw.split(" ", 2)[1]), raw.split("\r\n\r\n", 1)[1]
+
+    ready = {"value": False}
+    metrics = Metrics()
+    metrics.jobs.labels("succeeded", "").inc()
+    server = HealthServer(
+        registry=metrics.registry, is_ready=lambda: ready["value"], host="127.0.0.1", port=0
+    )
+    await server.start()
+    try:
+        assert await get(server.port, "/healthz") == (200, "ok\n")
+        assert (await get(server.port, "/readyz"))[0] == 503
+        ready["value"] = True
+        assert (await get(server.port, "/readyz"))[0] == 200
+        status, body = await get(server.port, "/metrics")
+        assert status == 200 and 'zimage_jobs_total{reason="",status="succeeded"} 1.0' in body
+        assert (await get(server.port, "/nope"))[0] == 404
+    finally:
+        await server.stop()

@@ -16,7 +16,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 
 from tests.conftest import require_env, require_port
-from zimage_pipeline.broker import connect_robust
+from zimage_pipeline.broker import connect, connect_robust
 from zimage_pipeline.observability import Metrics
 from zimage_pipeline.service import Ports, RequestService, ServiceConfig
 from zimage_pipeline.settings import BrokerSettings, Settings, WorkerSettings, load_settings
@@ -95,12 +95,19 @@ class Client:
 
 
 @asynccontextmanager
-async def client(settings: Settings, user: str) -> AsyncIterator[Client]:
+async def client(
+    settings: Settings, user: str, *, durable_tap: bool = False
+) -> AsyncIterator[Client]:
+    """`durable_tap`: results land in a durable queue, as a real CMS consumer's do, so
+    none are missed while this client itself is disconnected (a broker restart)."""
     connection = await connect_robust(
         settings.broker, login=user, password=client_password(user), name=f"test-client {user}"
     )
     channel = await connection.channel()
-    queue = await channel.declare_queue(exclusive=True)
+    if durable_tap:
+        queue = await channel.declare_queue(f"amq_tap_{uuid.uuid4().hex}", durable=True)
+    else:
+        queue = await channel.declare_queue(exclusive=True)
     exchange = await channel.get_exchange(settings.broker.results_exchange, ensure=False)
     await queue.bind(exchange, routing_key="result.#")
     c = Client(user, connection, channel, settings.broker, queue)
@@ -113,6 +120,8 @@ async def client(settings: Settings, user: str) -> AsyncIterator[Client]:
     try:
         yield c
     finally:
+        if durable_tap:
+            await queue.delete(if_unused=False, if_empty=False)
         await connection.close()
 
 
@@ -121,7 +130,6 @@ class RunningWorker:
     worker: Worker
     stop: asyncio.Event
     task: asyncio.Task[int]
-    connection: AbstractRobustConnection
 
 
 @asynccontextmanager
@@ -131,9 +139,8 @@ async def running_worker(settings: Settings, ports: Ports) -> AsyncIterator[Runn
     service = RequestService(
         ports, ServiceConfig(worker_id="test-worker"), gpu_executor=gpu, io_executor=io
     )
-    connection = await connect_robust(settings.broker, name="test-worker")
     worker = Worker(
-        connection=connection,
+        connect=lambda: connect(settings.broker, name="test-worker"),
         broker=settings.broker,
         settings=settings.worker,
         service=service,
@@ -146,11 +153,10 @@ async def running_worker(settings: Settings, ports: Ports) -> AsyncIterator[Runn
             break
         await asyncio.sleep(0.05)
     try:
-        yield RunningWorker(worker, stop, task, connection)
+        yield RunningWorker(worker, stop, task)
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
-        await connection.close()
         gpu.shutdown(wait=False)
         io.shutdown(wait=False)
 

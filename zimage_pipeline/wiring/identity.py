@@ -56,10 +56,12 @@ class DirectoryAuthorizer:
             priorities=frozenset(Priority(p.value) for p in priorities),
         )
         snapshot = {"subject": subject.to_snapshot()}
+        # The directory's spelling of the name: `ALICE` and `alice` share one quota.
+        canonical = subject.username
         if subject is not publisher:
             snapshot["publisher"] = publisher.to_snapshot()
         return Authorization(
-            subject=on_behalf_of,
+            subject=canonical,
             principal=principal,
             limits=limits,
             roles_snapshot=snapshot,

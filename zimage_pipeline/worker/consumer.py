@@ -11,15 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
 
 import aio_pika
-from aio_pika.abc import (
-    AbstractIncomingMessage,
-    AbstractRobustChannel,
-    AbstractRobustConnection,
-)
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from zimage_pipeline.decoding import decode_cancel
 from zimage_pipeline.errors import Disposition, ZImageError
@@ -41,6 +38,8 @@ ATTEMPT_HEADER = "x-zimage-attempt"
 PRINCIPAL_HEADER = "x-zimage-principal"
 DEFER_DELAY_S = 1
 EXIT_FATAL = 70
+PUBLISH_TIMEOUT_S = 30.0
+ACK_TIMEOUT_S = 10.0
 
 
 class InternalError(ZImageError):
@@ -59,16 +58,22 @@ class _Delivery:
 
 
 class Worker:
+    """Consumes over one connection at a time. When the connection is lost (a broker
+    restart, a network cut), the worker drops what it had buffered (the broker
+    redelivers it), reconnects with backoff, and declares and consumes again. This is
+    done here, explicitly, rather than by a library's automatic channel restoration,
+    so that the recovery is simple to reason about and to test."""
+
     def __init__(
         self,
         *,
-        connection: AbstractRobustConnection,
+        connect: Callable[[], Awaitable[AbstractConnection]],
         broker: BrokerSettings,
         settings: WorkerSettings,
         service: RequestService,
         metrics: Metrics,
     ) -> None:
-        self._connection = connection
+        self._connect = connect
         self._broker = broker
         self._settings = settings
         self._service = service
@@ -77,46 +82,83 @@ class Worker:
             max_buffered_per_principal=settings.max_buffered_per_principal
         )
         self._wakeup = asyncio.Event()
+        self._halt = asyncio.Event()  # set on a fatal error
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._in_flight: dict[asyncio.Task[None], _Delivery] = {}
         self._consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
         self._topology: Topology | None = None
-        self._publish_channel: AbstractRobustChannel | None = None
+        self._connection: AbstractConnection | None = None
+        self._publish_channel: AbstractChannel | None = None
         self._stopping = False
         self.fatal: ZImageError | None = None
         self.ready = False
+        self.connections_opened = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def start(self) -> None:
-        consume_channel = await self._connection.channel()
+    async def _open(self, connection: AbstractConnection) -> None:
+        consume_channel = await connection.channel()
         await consume_channel.set_qos(prefetch_count=self._settings.prefetch)
         self._topology = await declare_topology(consume_channel, self._broker, self._settings)
         # Publishing on its own channel, with confirms: a result is "sent" only when the
         # broker has taken responsibility for it.
-        self._publish_channel = await self._connection.channel(publisher_confirms=True)
+        self._publish_channel = await connection.channel(publisher_confirms=True)
         topo = self._topology
+        self._consumers = []
         for priority, queue in topo.priority_queues.items():
             tag = await queue.consume(self._on_request_for(priority))
             self._consumers.append((queue, tag))
         tag = await topo.control_queue.consume(self._on_control)
         self._consumers.append((topo.control_queue, tag))
-        self.ready = True
         log.info(
             "worker consuming", extra={"fields": {"queues": [q.name for q, _ in self._consumers]}}
         )
 
     async def run_until(self, stop: asyncio.Event) -> int:
-        """Dispatch until `stop` is set (SIGTERM) or a fatal error; then drain."""
-        await self.start()
+        """Consume until `stop` is set (SIGTERM) or a fatal error; then drain."""
         dispatcher = asyncio.create_task(self._dispatch_loop())
-        stop_waiter = asyncio.create_task(stop.wait())
-        await asyncio.wait({dispatcher, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+        backoff_s = 0.5
+        while not stop.is_set() and not self._halt.is_set():
+            try:
+                connection = await self._connect()
+            except Exception as exc:
+                log.warning("broker unreachable, retrying in %.1fs: %s", backoff_s, exc)
+                await _wait_any(stop, self._halt, timeout_s=backoff_s)
+                backoff_s = min(backoff_s * 2, 30.0)
+                continue
+            self._connection = connection
+            self.connections_opened += 1
+            lost = asyncio.Event()
+            connection.close_callbacks.add(lambda *_args, lost=lost: lost.set())
+            try:
+                await self._open(connection)
+            except Exception as exc:
+                log.warning("could not set up consuming, reconnecting: %s", exc)
+                with suppress(Exception):
+                    await connection.close()
+                await _wait_any(stop, self._halt, timeout_s=backoff_s)
+                continue
+            backoff_s = 0.5
+            self.ready = True
+            await _wait_any(stop, self._halt, lost)
+            self.ready = False
+            if lost.is_set() and not stop.is_set():
+                # Buffered deliveries belong to the dead channel: they cannot be acked
+                # and the broker has already put them back in their queues.
+                dropped = self._scheduler.drain()
+                self._metrics.buffered.set(0)
+                log.warning(
+                    "broker connection lost; %d buffered delivery(ies) will be "
+                    "redelivered; reconnecting",
+                    len(dropped),
+                )
         await self.shutdown()
         dispatcher.cancel()
-        stop_waiter.cancel()
         with suppress(asyncio.CancelledError):
             await dispatcher
+        if self._connection is not None:
+            with suppress(Exception):
+                await self._connection.close()
         return EXIT_FATAL if self.fatal is not None else 0
 
     async def shutdown(self) -> None:
@@ -260,8 +302,7 @@ class Worker:
             log.critical("fatal error, stopping the worker: %s", error)
             self.fatal = error
             await self._nack_requeue(delivery)
-            self._stopping = True
-            self._wakeup.set()
+            self._halt.set()
             return
         attempt = delivery.attempt + 1
         if attempt >= self._settings.max_attempts:
@@ -301,6 +342,7 @@ class Worker:
             message,
             routing_key=result_routing_key(result.status.value, result.reason),
             mandatory=True,
+            timeout=PUBLISH_TIMEOUT_S,
         )
 
     async def _publish_exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
@@ -324,7 +366,12 @@ class Worker:
             },
         )
         exchange = await self._publish_exchange(self._require_topology().dead_letter.name)
-        await exchange.publish(copy, routing_key=message.routing_key or "", mandatory=True)
+        await exchange.publish(
+            copy,
+            routing_key=message.routing_key or "",
+            mandatory=True,
+            timeout=PUBLISH_TIMEOUT_S,
+        )
 
     async def _republish_delayed(
         self, delivery: _Delivery, *, delay_s: int, attempt: int, reason: str
@@ -345,7 +392,12 @@ class Worker:
             },
         )
         exchange = await self._publish_exchange(self._require_topology().retry.name)
-        await exchange.publish(copy, routing_key=message.routing_key or "", mandatory=True)
+        await exchange.publish(
+            copy,
+            routing_key=message.routing_key or "",
+            mandatory=True,
+            timeout=PUBLISH_TIMEOUT_S,
+        )
 
     async def _send_to_back(self, delivery: _Delivery) -> None:
         """Fairness: this principal has its share waiting; requeue behind everyone else."""
@@ -361,15 +413,26 @@ class Worker:
 
     async def _ack(self, delivery: _Delivery) -> None:
         try:
-            await delivery.message.ack()
+            # A delivery of a channel that died with the connection can wait forever
+            # for its ack to be written: bound it, the broker redelivers anyway.
+            await asyncio.wait_for(delivery.message.ack(), ACK_TIMEOUT_S)
         except Exception as exc:  # channel gone (broker restart): it will be redelivered
             log.warning("ack failed, the delivery will be redelivered: %s", exc)
 
     async def _nack_requeue(self, delivery: _Delivery) -> None:
         try:
-            await delivery.message.nack(requeue=True)
+            await asyncio.wait_for(delivery.message.nack(requeue=True), ACK_TIMEOUT_S)
         except Exception as exc:
             log.warning("nack failed, the delivery will be redelivered: %s", exc)
+
+
+async def _wait_any(*events: asyncio.Event, timeout_s: float | None = None) -> None:
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 def _attempt_of(message: AbstractIncomingMessage) -> int:

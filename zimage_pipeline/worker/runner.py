@@ -11,7 +11,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
-from zimage_pipeline.broker import connect_robust
+from zimage_pipeline.broker import connect
 from zimage_pipeline.observability import Metrics
 from zimage_pipeline.service import RequestService, ServiceConfig
 from zimage_pipeline.settings import Settings
@@ -63,9 +63,8 @@ async def run_worker(
         gpu_executor=gpu,
         io_executor=io,
     )
-    connection = await connect_robust(settings.broker, name=f"zimage-worker {worker_id}")
     worker = Worker(
-        connection=connection,
+        connect=lambda: connect(settings.broker, name=f"zimage-worker {worker_id}"),
         broker=settings.broker,
         settings=settings.worker,
         service=service,
@@ -75,7 +74,7 @@ async def run_worker(
     if settings.worker.http_port:
         health = HealthServer(
             registry=metrics.registry,
-            is_ready=lambda: worker.ready and not connection.is_closed,
+            is_ready=lambda: worker.ready,
             host=settings.worker.http_host,
             port=settings.worker.http_port,
         )
@@ -90,7 +89,6 @@ async def run_worker(
             await maintenance
         if health is not None:
             await health.stop()
-        await connection.close()
         io.shutdown(wait=False, cancel_futures=True)
         gpu.shutdown(wait=False, cancel_futures=True)
         for close in wiring.closers:

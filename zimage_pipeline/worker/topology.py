@@ -4,7 +4,8 @@
                                 --standard-----> <queue>.standard     (quorum)
                                 --bulk---------> <queue>.bulk         (quorum)
                                 --cancel-------> <queue>.control      (quorum)
-    retry exchange (headers, x-zimage-delay) -> <queue>.retry.<N>s (TTL N s)
+    retry exchange (headers, x-zimage-delay) -> <queue>.retry.<N>s (quorum, TTL N s,
+                                   at-least-once dead-lettering)
                                    --dead-letter, original routing key--> requests exchange
     dead-letter exchange (fanout) -> <queue>.dlq (quorum)
     results exchange (topic, routing key result.<status>[.<reason>])
@@ -113,10 +114,16 @@ async def declare_topology(
             retry_queue_name(broker, delay_s),
             durable=True,
             arguments={
+                "x-queue-type": "quorum",
                 "x-message-ttl": delay_s * 1000,
                 # No dead-letter routing key: the message returns to the requests
                 # exchange with its original routing key, i.e. its priority queue.
                 "x-dead-letter-exchange": requests.name,
+                # Plain dead-lettering is at-most-once: a message expiring while the
+                # target queue is down (a broker restart) would be dropped. At-least-once
+                # keeps it until the target has confirmed it (quorum queues, 3.10+).
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
             },
         )
         await queue.bind(retry, arguments={"x-match": "all", DELAY_HEADER: f"{delay_s}s"})

@@ -35,6 +35,7 @@ from zimage_pipeline.errors import (
 from zimage_pipeline.messages import (
     GenerationRequest,
     GenerationResult,
+    Priority,
     Status,
 )
 from zimage_pipeline.ports import (
@@ -158,10 +159,21 @@ class RequestService:
             payload=payload,
         )
 
-    async def handle(self, body: bytes, *, principal: str | None) -> Outcome:
-        """Answer one delivery. Raises only errors with RETRY or FATAL disposition."""
+    async def handle(
+        self, body: bytes, *, principal: str | None, routed_as: Priority | None = None
+    ) -> Outcome:
+        """Answer one delivery. Raises only errors with RETRY or FATAL disposition.
+
+        `routed_as`: the priority queue the delivery came from. It must agree with the
+        request's `priority`, which the policy checks: otherwise a bulk-only user could
+        jump the line by publishing to the interactive routing key."""
         try:
             request = decode_request(body, max_bytes=self._config.max_body_bytes)
+            if routed_as is not None and request.priority is not routed_as:
+                raise InvalidRequestError(
+                    f"priority: {request.priority.value!r} does not match the routing key "
+                    f"{routed_as.value!r} it was published with"
+                )
         except InvalidRequestError as exc:
             return Outcome(rejected(peek_request_id(body) or "", exc), dead_letter=True)
         if not principal:

@@ -65,6 +65,8 @@ class Client:
         user_id: str | None = None,
         routing_key: str | None = None,
     ) -> None:
+        if isinstance(body, dict) and routing_key is None:
+            body = {"priority": priority, **body}  # the routing key and the field agree
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         exchange = await self.channel.get_exchange(self.broker.requests_exchange, ensure=False)
         await exchange.publish(

@@ -171,3 +171,15 @@ async def test_cancelled_before_arrival_answers_cancelled() -> None:
     outcome = await service.handle(body(), principal="alice")
     assert outcome.result.status is Status.CANCELLED
     assert not ports.engine.calls  # type: ignore[attr-defined]
+
+
+async def test_priority_must_match_the_queue_it_came_from() -> None:
+    from zimage_pipeline.messages import Priority
+
+    service, ports = make()
+    outcome = await service.handle(
+        body(priority="bulk"), principal="alice", routed_as=Priority.INTERACTIVE
+    )
+    assert outcome.dead_letter and outcome.result.reason == "INVALID_REQUEST"
+    assert "routing key" in (outcome.result.message or "")
+    assert not ports.engine.calls  # type: ignore[attr-defined]

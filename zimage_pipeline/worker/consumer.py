@@ -257,7 +257,9 @@ class Worker:
         token = bind_job(user=delivery.principal or "?")
         try:
             try:
-                outcome = await self._service.handle(message.body, principal=delivery.principal)
+                outcome = await self._service.handle(
+                    message.body, principal=delivery.principal, routed_as=delivery.priority
+                )
             except ZImageError as exc:
                 await self._on_error(delivery, exc)
                 return

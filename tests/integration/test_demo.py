@@ -1,0 +1,77 @@
+"""The demo scenario (zimage_pipeline.demo) against the real services, on private names,
+a fresh SQLite ledger and an in-process worker wired as `zimage-pipeline worker` is."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine
+
+from tests.conftest import require_env
+from tests.integration.worker_harness import (
+    delete_private_topology,
+    private_settings,
+    running_worker,
+)
+from zimage_pipeline.demo import bob_quota, run_scenario
+from zimage_pipeline.demo_table import expected_outcomes, print_table
+from zimage_pipeline.engine.tiny import make_tiny_model
+from zimage_pipeline.ledger import migrate
+from zimage_pipeline.ledger.db import create_ledger_engine
+from zimage_pipeline.ledger.quota import QuotaLedger
+from zimage_pipeline.ledger.quota_types import Window, user_subject
+from zimage_pipeline.settings import load_settings
+from zimage_pipeline.storage import ObjectStore
+from zimage_pipeline.wiring import build
+
+pytestmark = pytest.mark.integration
+
+
+async def test_the_demo_scenario_ends_as_expected(
+    tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secrets = Path(require_env("ZIMAGE_TEST_SECRETS_DIR"))
+    base = private_settings()
+    ledger = create_engine(sqlite_url)
+    migrate.upgrade(ledger)
+    ledger.dispose()
+    settings = load_settings(
+        broker=base.broker.model_dump(),
+        worker=base.worker.model_dump(),
+        database={"url": sqlite_url},
+        engine={"model_path": str(make_tiny_model(tmp_path / "tiny")), "device": "cpu"},
+        storage={"prefix": f"demo-{uuid.uuid4().hex[:8]}"},
+    )
+    wiring = build(settings)
+    run_id = f"t{uuid.uuid4().hex[:8]}"
+    try:
+        async with running_worker(settings, wiring.ports):
+            with bob_quota(settings, 2, run_id):
+                rows = await run_scenario(
+                    settings, secrets_dir=secrets, run_id=run_id, bob_batch=4, timeout_s=90
+                )
+    finally:
+        for close in wiring.closers:
+            close()
+        await delete_private_topology(settings)
+
+    expected = expected_outcomes(bob_allowed=2, bob_batch=4)
+    assert Counter(r.key() for r in rows) == expected
+    assert print_table(rows, expected) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert [r.request_id for r in rows if r.kind == "malformed"] == [f"{run_id}-malformed"]
+
+    # What the table calls stored is in the store; the demo's overrides are gone again.
+    store = ObjectStore(settings.storage)
+    keys = [key for r in rows for key in r.keys]
+    assert len(keys) == 1 + 2
+    assert all(store.get_object(key) for key in keys)
+    engine = create_ledger_engine(settings.database)
+    try:
+        bob = QuotaLedger(engine).usage(user_subject("bob")).window(Window.DAY)
+    finally:
+        engine.dispose()
+    assert (bob.used, bob.reserved, bob.limit) == (2, 0, None)

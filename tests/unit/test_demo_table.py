@@ -1,0 +1,70 @@
+"""The demo's comparison of outcomes with the expected table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from zimage_pipeline.demo import build_plan
+from zimage_pipeline.demo_table import MISSING, Outcome, expected_outcomes, print_table
+
+
+def _result(status: str, reason: str | None = None, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {"status": status, "reason": reason, "images": [{"key": k} for k in keys]}
+
+
+def _rows(bob_ok: int, bob_denied: int, *, dlq: bool = True) -> list[Outcome]:
+    rows = [Outcome.of("hero", "cms-publisher", "r-hero", _result("succeeded", keys=("k/0.webp",)))]
+    rows += [
+        Outcome.of("bob batch", "bob", f"r-bob-{n}", _result("succeeded", keys=(f"b/{n}.png",)))
+        for n in range(bob_ok)
+    ]
+    rows += [
+        Outcome.of("bob batch", "bob", f"r-bobx-{n}", _result("rejected", "QUOTA_EXCEEDED"))
+        for n in range(bob_denied)
+    ]
+    rows.append(Outcome.of("carol", "carol", "r-carol", _result("rejected", "NOT_AUTHORIZED")))
+    rows.append(
+        Outcome.of(
+            "malformed", "pim-sync", "r-bad", _result("rejected", "INVALID_REQUEST"), dlq=dlq
+        )
+    )
+    return rows
+
+
+def test_matching_outcomes_pass(capsys: pytest.CaptureFixture[str]) -> None:
+    assert print_table(_rows(3, 2), expected_outcomes(bob_allowed=3, bob_batch=5)) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "b/2.png" in out
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        _rows(4, 1),  # the quota let one too many through
+        _rows(3, 2, dlq=False),  # the malformed message was not dead-lettered
+        _rows(3, 1),  # an outcome is missing
+    ],
+)
+def test_any_difference_fails(rows: list[Outcome], capsys: pytest.CaptureFixture[str]) -> None:
+    assert print_table(rows, expected_outcomes(bob_allowed=3, bob_batch=5)) == 1
+    assert "DIFFERS" in capsys.readouterr().out
+
+
+def test_a_timeout_and_a_success_without_images_are_differences() -> None:
+    missing = Outcome.of("hero", "cms-publisher", "r-hero", None)
+    empty = Outcome.of("hero", "cms-publisher", "r-hero", _result("succeeded"))
+    assert missing.status == MISSING
+    assert missing.key() != ("hero", "succeeded", "")
+    assert empty.key() == ("hero", "succeeded, no images", "")
+
+
+def test_the_plan_has_unique_ids_under_the_run_and_one_malformed_message() -> None:
+    plan = build_plan("run-1", bob_batch=5)
+    ids = [rid for _, _, rid, _ in plan.publications]
+    assert len(set(ids)) == len(ids) == 1 + 5 + 1 + 1
+    assert all(rid.startswith("run-1-") for rid in ids)
+    assert [body for kind, _, _, body in plan.publications if kind == "malformed"] == [
+        b"<sku>not json</sku>"
+    ]

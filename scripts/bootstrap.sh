@@ -20,7 +20,9 @@ fi
 
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     echo "bootstrap: installing $TORCH_SPEC"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check $TORCH_SPEC
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check $TORCH_SPEC 2>&1 \
+        | grep -v "is ignored: it is neither a file nor a directory" || true
+    "$VENV/bin/python" -c "import torch" || { echo "bootstrap: torch install failed" >&2; exit 1; }
 fi
 
 stamp="$VENV/.zimage-installed"

@@ -172,6 +172,10 @@ CONF
     if [[ -f "$dir/slapd.pid" ]] && kill -0 "$(cat "$dir/slapd.pid")" 2>/dev/null; then
         log "slapd: running on 127.0.0.1:$LDAP_PORT"
     else
+        if port_open "$LDAP_PORT"; then
+            log "127.0.0.1:$LDAP_PORT is taken by a slapd this checkout did not start (another checkout's services.sh?); stop it first" >&2
+            return 1
+        fi
         log "slapd: starting"
         slapd -f "$dir/slapd.conf" -h "ldap://127.0.0.1:$LDAP_PORT/ ldaps://127.0.0.1:$LDAPS_PORT/"
         touch "$STARTED/slapd"
@@ -207,6 +211,10 @@ JSON
     if [[ -f "$dir/weed.pid" ]] && kill -0 "$(cat "$dir/weed.pid")" 2>/dev/null; then
         log "seaweedfs: running, S3 on 127.0.0.1:$S3_PORT"
     else
+        if port_open "$S3_PORT"; then
+            log "127.0.0.1:$S3_PORT is taken by a process this checkout did not start (another checkout's services.sh?); stop it first" >&2
+            return 1
+        fi
         log "seaweedfs: starting"
         nohup "$weed" server -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
             -master.port=19333 -master.volumeSizeLimitMB=64 -volume.port=18080 -volume.max=50 \

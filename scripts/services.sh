@@ -241,7 +241,10 @@ for bucket in sys.argv[3:]:
             break
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
-                s3.create_bucket(Bucket=bucket)
+                # The audit bucket gets Object Lock, so anchored chain heads can be
+                # retained (WORM); SeaweedFS supports it on buckets created with it.
+                extra = {"ObjectLockEnabledForBucket": True} if bucket == "zimage-audit" else {}
+                s3.create_bucket(Bucket=bucket, **extra)
                 print(f"services: seaweedfs: created bucket {bucket}")
                 break
             time.sleep(1)

@@ -30,10 +30,20 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-async def _maintain(wiring: Wiring, io: Executor) -> None:
-    """Expire crashed workers' quota leases, anchor the audit chain: every 30 s."""
+def _gpu_memory_probe(metrics: Metrics) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        metrics.gpu_memory_bytes.set(torch.cuda.memory_allocated())
+
+
+async def _maintain(wiring: Wiring, io: Executor, metrics: Metrics) -> None:
+    """Expire crashed workers' quota leases, anchor the audit chain, sample GPU memory:
+    every 30 s."""
     loop = asyncio.get_running_loop()
     while True:
+        with suppress(Exception):
+            _gpu_memory_probe(metrics)
         for task in wiring.maintenance:
             try:
                 await loop.run_in_executor(io, task)
@@ -80,7 +90,7 @@ async def run_worker(
         )
         await health.start()
     log.info("worker %s starting", worker_id)
-    maintenance = asyncio.create_task(_maintain(wiring, io))
+    maintenance = asyncio.create_task(_maintain(wiring, io, metrics))
     try:
         code = await worker.run_until(stop)
     finally:

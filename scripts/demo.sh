@@ -34,7 +34,12 @@ $zp check
 RUN_ID="demo-$(date -u +%Y%m%dT%H%M%S)-$$"
 LOGS=.local/logs
 mkdir -p "$LOGS"
-WORKER_PORTS=(9471 9472)
+read -r -a WORKER_PORTS <<<"${ZIMAGE_DEMO_HTTP_PORTS:-9471 9472}"
+for port in "${WORKER_PORTS[@]}"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "port 127.0.0.1:$port is taken; set ZIMAGE_DEMO_HTTP_PORTS=\"P1 P2\"" >&2; exit 1
+    fi
+done
 WORKER_PIDS=()
 
 stop_workers() {  # SIGTERM, wait, report; fails if a worker does not exit 0
@@ -52,7 +57,12 @@ stop_workers() {  # SIGTERM, wait, report; fails if a worker does not exit 0
     WORKER_PIDS=()
     return $rc
 }
-trap 'stop_workers || true' EXIT
+on_exit() {
+    local rc=$?
+    stop_workers || true
+    [[ $rc == 0 ]] || echo "demo FAILED (exit $rc); worker logs: $LOGS/demo-worker-*.log" >&2
+}
+trap on_exit EXIT
 
 step "start two workers (logs in $LOGS/)"
 for i in 1 2; do

@@ -88,10 +88,13 @@ def build_plan(run_id: str, bob_batch: int) -> Plan:
 # -- quotas ----------------------------------------------------------------------------
 
 
-def _set_relative(ledger: Any, subject: str, allowed: int, note: str) -> None:
+def _set_relative(ledger: Any, subject: str, allowed: int, note: str) -> tuple[Any, Any]:
+    """Limits that leave exactly `allowed` images; returns the override it replaced."""
     from zimage_pipeline.ledger.quota_types import Window
 
+    # Without policy limits, `usage` reports the subject's override (None: no override).
     status = ledger.usage(subject)
+    previous = (status.window(Window.DAY).limit, status.window(Window.MONTH).limit)
     limits = {}
     for window in (Window.DAY, Window.MONTH):
         usage = status.window(window)
@@ -103,11 +106,13 @@ def _set_relative(ledger: Any, subject: str, allowed: int, note: str) -> None:
         actor=ACTOR,
         note=note,
     )
+    return previous
 
 
 @contextmanager
 def bob_quota(settings: Settings, allowed: int, run_id: str) -> Iterator[None]:
-    """Exactly `allowed` more images for bob during the run; policy limits afterwards."""
+    """Exactly `allowed` more images for bob during the run; his overrides as they were
+    before (usually none: the policy's limits) afterwards."""
     from zimage_pipeline.ledger.db import create_ledger_engine
     from zimage_pipeline.ledger.quota import QuotaLedger
     from zimage_pipeline.ledger.quota_types import team_subject, user_subject
@@ -115,15 +120,16 @@ def bob_quota(settings: Settings, allowed: int, run_id: str) -> Iterator[None]:
     engine = create_ledger_engine(settings.database)
     ledger = QuotaLedger(engine)
     subjects = {user_subject("bob"): allowed, team_subject(DESIGN_TEAM): allowed + TEAM_SLACK}
+    previous: dict[str, tuple[Any, Any]] = {}
     try:
         for subject, budget in subjects.items():
-            _set_relative(ledger, subject, budget, f"demo run {run_id}")
+            previous[subject] = _set_relative(ledger, subject, budget, f"demo run {run_id}")
             print(f"quota: {subject} may use {budget} more images today")
         yield
     finally:
-        for subject in subjects:
+        for subject, (day, month) in previous.items():
             ledger.set_limit(
-                subject, images_per_day=None, images_per_month=None, actor=ACTOR, note="demo end"
+                subject, images_per_day=day, images_per_month=month, actor=ACTOR, note="demo end"
             )
         engine.dispose()
 
@@ -150,7 +156,9 @@ async def _collect(
             )
             continue
         rid = document.get("request_id", "")
-        if rid in wanted and rid not in results:
+        # A message too broken to name its request is answered with an empty id.
+        unnamed_ok = rid != "" or document.get("reason") == "INVALID_REQUEST"
+        if rid in wanted and rid not in results and unnamed_ok:
             results[rid] = document
             print(
                 f"  {len(results)}/{len(wanted)} {rid or '(malformed)'}: {document['status']}"

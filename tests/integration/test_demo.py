@@ -45,6 +45,11 @@ async def test_the_demo_scenario_ends_as_expected(
         engine={"model_path": str(make_tiny_model(tmp_path / "tiny")), "device": "cpu"},
         storage={"prefix": f"demo-{uuid.uuid4().hex[:8]}"},
     )
+    engine = create_ledger_engine(settings.database)
+    # An operator's override of bob's day: the demo must put it back afterwards.
+    QuotaLedger(engine).set_limit(
+        user_subject("bob"), images_per_day=7, images_per_month=None, actor="test"
+    )
     wiring = build(settings)
     run_id = f"t{uuid.uuid4().hex[:8]}"
     try:
@@ -64,14 +69,14 @@ async def test_the_demo_scenario_ends_as_expected(
     assert "PASS" in capsys.readouterr().out
     assert [r.request_id for r in rows if r.kind == "malformed"] == [f"{run_id}-malformed"]
 
-    # What the table calls stored is in the store; the demo's overrides are gone again.
+    # What the table calls stored is in the store; bob's override is the operator's again.
     store = ObjectStore(settings.storage)
     keys = [key for r in rows for key in r.keys]
     assert len(keys) == 1 + 2
     assert all(store.get_object(key) for key in keys)
-    engine = create_ledger_engine(settings.database)
     try:
-        bob = QuotaLedger(engine).usage(user_subject("bob")).window(Window.DAY)
+        bob = QuotaLedger(engine).usage(user_subject("bob"))
     finally:
         engine.dispose()
-    assert (bob.used, bob.reserved, bob.limit) == (2, 0, None)
+    day, month = bob.window(Window.DAY), bob.window(Window.MONTH)
+    assert (day.used, day.reserved, day.limit, month.limit) == (2, 0, 7, None)

@@ -64,6 +64,11 @@ on_exit() {
 }
 trap on_exit EXIT
 
+ready() {  # ready PORT: the worker's /readyz answers 200 (curl may be missing on a fresh host)
+    .venv/bin/python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+        "http://127.0.0.1:$1/readyz" 2>/dev/null
+}
+
 step "start two workers (logs in $LOGS/)"
 for i in 1 2; do
     ZIMAGE_WORKER__WORKER_ID="demo-worker-$i" ZIMAGE_WORKER__HTTP_PORT="${WORKER_PORTS[$((i - 1))]}" \
@@ -74,15 +79,15 @@ for i in 1 2; do
     port=${WORKER_PORTS[$((i - 1))]}
     printf 'waiting for demo-worker-%s (http://127.0.0.1:%s/readyz)' "$i" "$port"
     for _ in $(seq 240); do
-        curl -fsS -o /dev/null "http://127.0.0.1:$port/readyz" 2>/dev/null && break
+        ready "$port" && break
         if ! kill -0 "${WORKER_PIDS[$((i - 1))]}" 2>/dev/null; then
             echo; echo "demo-worker-$i exited; its log:" >&2; tail -20 "$LOGS/demo-worker-$i.log" >&2
             exit 1
         fi
         printf '.'; sleep 0.5
     done
-    curl -fsS -o /dev/null "http://127.0.0.1:$port/readyz" || {
-        echo; echo "demo-worker-$i not ready after 120 s; see $LOGS/demo-worker-$i.log" >&2; exit 1; }
+    ready "$port" || {
+        echo; echo "demo-worker-$i not ready after 240 tries; see $LOGS/demo-worker-$i.log" >&2; exit 1; }
     echo " ready"
 done
 

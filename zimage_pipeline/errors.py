@@ -60,3 +60,11 @@ class InvalidRequestError(RequestRejectedError):
     """The message is not a valid request: the text names the field(s)."""
 
     reason = "INVALID_REQUEST"
+
+
+class JobBusyError(ZImageError):
+    """Another worker (or this one) is processing the same request_id right now: the
+    delivery comes back later and is then answered from the ledger."""
+
+    disposition = Disposition.RETRY
+    reason = "IN_PROGRESS"

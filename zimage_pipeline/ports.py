@@ -21,6 +21,7 @@ class BeginKind(StrEnum):
     NEW = "new"  # first attempt, or a takeover of an unfinished attempt
     TERMINAL = "terminal"  # already answered: republish the stored result
     CONFLICT = "conflict"  # same request_id, different payload
+    BUSY = "busy"  # another worker is on it right now
 
 
 @dataclass(frozen=True, slots=True)

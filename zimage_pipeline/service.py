@@ -29,6 +29,7 @@ from zimage_pipeline.decoding import decode_request, peek_request_id
 from zimage_pipeline.errors import (
     Disposition,
     InvalidRequestError,
+    JobBusyError,
     RequestRejectedError,
     ZImageError,
 )
@@ -132,6 +133,8 @@ class RequestService:
         self._gpu_executor = gpu_executor
         self._io_executor = io_executor
         self._clock = clock
+        # request_ids this process is working on: a duplicate delivery waits its turn.
+        self._in_progress: set[str] = set()
 
     async def _io(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -183,6 +186,15 @@ class RequestService:
             )
             return Outcome(rejected(request.request_id, error), dead_letter=True)
 
+        if request.request_id in self._in_progress:
+            raise JobBusyError(f"request {request.request_id!r} is being processed here")
+        self._in_progress.add(request.request_id)
+        try:
+            return await self._handle_valid(request, principal)
+        finally:
+            self._in_progress.discard(request.request_id)
+
+    async def _handle_valid(self, request: GenerationRequest, principal: str) -> Outcome:
         digest = payload_digest(request)
         begin = await self._io(
             self._p.jobs.begin,
@@ -198,6 +210,8 @@ class RequestService:
                 reason="REQUEST_ID_CONFLICT",
             )
             return Outcome(rejected(request.request_id, error), dead_letter=True)
+        if begin.kind is BeginKind.BUSY:
+            raise JobBusyError(f"request {request.request_id!r} is being processed elsewhere")
         if begin.kind is BeginKind.TERMINAL:
             assert begin.result is not None
             return Outcome(GenerationResult.model_validate(begin.result), republished=True)

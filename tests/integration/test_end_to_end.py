@@ -237,3 +237,45 @@ def test_cli_worker_and_submit_then_sigterm_exits_zero(
     assert process.returncode == 0, output
     assert "a quiet harbour" not in output  # prompts stay out of the logs
     assert '"request_id": "cli-1"' in output  # job lines carry the request id
+
+
+class CountingEngine:
+    """The real engine, counting how many images it was asked for."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.images = 0
+
+    @property
+    def identity(self) -> Any:
+        return self.inner.identity
+
+    def generate(self, specs: Any) -> Any:
+        self.images += len(specs)
+        time.sleep(0.5)  # long enough for the duplicate to arrive while this one runs
+        return self.inner.generate(specs)
+
+
+async def test_same_request_to_two_workers_at_once_generates_once(
+    stack: tuple[Settings, Wiring],
+) -> None:
+    """Given two workers, when the same request is delivered twice at the same moment,
+    then it is generated and charged once and both deliveries get the same answer."""
+    from dataclasses import replace
+
+    settings, wiring = stack
+    counting = CountingEngine(wiring.ports.engine)
+    ports = replace(wiring.ports, engine=counting)
+    async with (
+        running_worker(settings, ports, worker_id="worker-a"),
+        running_worker(settings, ports, worker_id="worker-b"),
+        client(settings, "alice") as alice,
+    ):
+        await alice.publish(request("twice-1", "alice"))
+        await alice.publish(request("twice-1", "alice"))
+        first = await alice.result_of("twice-1", wait_s=60)
+        second = await alice.result_of("twice-1", wait_s=60)
+    assert first["status"] == "succeeded"
+    assert first == second
+    assert counting.images == 1
+    assert first["quota_remaining"]["day"] == 100 - 1

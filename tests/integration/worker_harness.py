@@ -135,11 +135,13 @@ class RunningWorker:
 
 
 @asynccontextmanager
-async def running_worker(settings: Settings, ports: Ports) -> AsyncIterator[RunningWorker]:
+async def running_worker(
+    settings: Settings, ports: Ports, *, worker_id: str = "test-worker"
+) -> AsyncIterator[RunningWorker]:
     gpu = ThreadPoolExecutor(max_workers=1)
     io = ThreadPoolExecutor(max_workers=4)
     service = RequestService(
-        ports, ServiceConfig(worker_id="test-worker"), gpu_executor=gpu, io_executor=io
+        ports, ServiceConfig(worker_id=worker_id), gpu_executor=gpu, io_executor=io
     )
     worker = Worker(
         connect=lambda: connect(settings.broker, name="test-worker"),

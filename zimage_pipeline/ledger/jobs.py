@@ -60,6 +60,7 @@ class BeginKind(StrEnum):
     NEW = "new"  # first attempt, or a takeover of an unfinished one
     TERMINAL = "terminal"  # already finished: republish `result`
     CONFLICT = "conflict"  # same request_id, different payload or publisher
+    BUSY = "busy"  # another worker is working on it right now: try again later
 
 
 class IllegalTransitionError(ZImageError):
@@ -119,7 +120,12 @@ class JobStore:
         principal: str,
         on_behalf_of: str,
         worker_id: str,
+        busy_s: float = 0.0,
     ) -> JobBegin:
+        """`busy_s`: an unfinished job another worker touched less than this long ago is
+        BUSY, not taken over (a concurrent duplicate must not generate twice); older, its
+        worker is presumed dead and the job is taken over."""
+
         def work(connection: Connection) -> JobBegin:
             at = utcnow()
             job = _load(connection, request_id)
@@ -147,6 +153,12 @@ class JobStore:
                 return JobBegin(BeginKind.CONFLICT, job)
             if job.status in TERMINAL:
                 return JobBegin(BeginKind.TERMINAL, job)
+            if (
+                busy_s > 0
+                and job.worker_id != worker_id
+                and (at - job.updated_at).total_seconds() < busy_s
+            ):
+                return JobBegin(BeginKind.BUSY, job)
             taken = connection.execute(
                 update(JOBS)
                 .where(JOBS.c.request_id == request_id, JOBS.c.attempts == job.attempts)

@@ -63,7 +63,7 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
         seconds = engine.warmup(width=256, height=256) if small else engine.warmup()
         log.info("engine warm in %.1fs", seconds)
     ports = Ports(
-        jobs=LedgerJobs(JobStore(ledger)),
+        jobs=LedgerJobs(JobStore(ledger), busy_s=settings.worker.job_busy_s),
         authorizer=DirectoryAuthorizer(directory, settings.policy),
         quota=LedgerQuota(quota_ledger, lease_s=settings.policy.lease_s),
         engine=EngineAdapter(engine),

@@ -28,8 +28,9 @@ def cancelled_result(request_id: str) -> dict[str, Any]:
 
 
 class LedgerJobs:
-    def __init__(self, store: ledger_jobs.JobStore) -> None:
+    def __init__(self, store: ledger_jobs.JobStore, *, busy_s: float) -> None:
         self._store = store
+        self._busy_s = busy_s
 
     def begin(
         self,
@@ -46,8 +47,11 @@ class LedgerJobs:
             principal=principal,
             on_behalf_of=on_behalf_of,
             worker_id=worker_id,
+            busy_s=self._busy_s,
         )
         job = begun.job
+        if begun.kind is ledger_jobs.BeginKind.BUSY:
+            return JobBegin(BeginKind.BUSY, job.attempts, job.created_at)
         if begun.kind is ledger_jobs.BeginKind.CONFLICT:
             cancelled_early = (
                 job.payload_sha256 == TOMBSTONE

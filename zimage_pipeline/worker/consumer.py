@@ -19,7 +19,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from zimage_pipeline.decoding import decode_cancel
-from zimage_pipeline.errors import Disposition, ZImageError
+from zimage_pipeline.errors import Disposition, JobBusyError, ZImageError
 from zimage_pipeline.messages import RESULT_SCHEMA, GenerationResult, Priority
 from zimage_pipeline.observability import Metrics, bind_job, unbind_job
 from zimage_pipeline.service import Outcome, RequestService
@@ -305,6 +305,17 @@ class Worker:
             self.fatal = error
             await self._nack_requeue(delivery)
             self._halt.set()
+            return
+        if isinstance(error, JobBusyError):
+            # Not a failure: the same request is in progress elsewhere. Come back later
+            # without spending the retry budget; by then it is answered from the ledger.
+            await self._republish_delayed(
+                delivery,
+                delay_s=self._settings.retry_delays_s[0],
+                attempt=delivery.attempt,
+                reason=error.reason,
+            )
+            await self._ack(delivery)
             return
         attempt = delivery.attempt + 1
         if attempt >= self._settings.max_attempts:

@@ -3,7 +3,10 @@
 One process, one run: builds the full-size architecture with random weights on the GPU
 (or the tiny one on the CPU with --tiny), times the eager ZImagePipeline call exactly as
 diffusers documents it, then wraps the same pipeline in TurboEngine (the code path the
-worker uses) for each attention variant, and writes results.json and summary.md.
+worker uses) for each engine variant (VARIANTS), and writes results.json and summary.md.
+The first variant also runs a stream of requests (throughput, GPU busy fraction) and a
+second process that starts on the compile cache the first one filled (time to first
+image on a warm cache).
 
     python bench/turbo_bench.py --out "$OUT"            # GPU, full size, 1024x1024
     python bench/turbo_bench.py --tiny --out /tmp/b     # CPU, tiny model, end to end
@@ -15,15 +18,12 @@ import time
 
 PROCESS_START = time.perf_counter()
 
-import os  # noqa: E402
-
-# Cold compilation for every variant: the on-disk caches could hand the second attention
-# variant graphs traced with the first one's kernel, and a fresh worker has none anyway.
-os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
-os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
-
 import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -31,13 +31,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import turbo_lib as lib  # noqa: E402
+import turbo_stream  # noqa: E402
 
 from zimage_pipeline.engine.architecture import FULL, TINY, build_random_pipeline  # noqa: E402
 from zimage_pipeline.engine.config import EngineConfig  # noqa: E402
 from zimage_pipeline.engine.engine import TurboEngine  # noqa: E402
 from zimage_pipeline.engine.identity import ModelIdentity  # noqa: E402
-from zimage_pipeline.engine.optimize import attention_priority, compile_pipeline  # noqa: E402
+from zimage_pipeline.engine.optimize import (  # noqa: E402
+    attention_priority,
+    optimize_pipeline,
+    use_compile_cache,
+)
 from zimage_pipeline.engine.types import GenerationSpec  # noqa: E402
+
+# Engine variants: "opt" is this round's configuration (the new defaults), "base" the
+# previous round's (compiled blocks and VAE only), for an A/B in the same process.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "opt": {"real_rope": True, "compile_text_encoder": True},
+    "base": {"real_rope": False, "compile_text_encoder": False},
+}
 
 # About 110 tokens with the byte-level bench tokenizer: a long-ish real prompt's length.
 PROMPT = (
@@ -50,8 +62,10 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tiny", action="store_true", help="tiny model on the CPU")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/out")))
-    p.add_argument("--variants", default="sdpa,sdpa_cudnn", help="engine attention variants")
-    p.add_argument("--budget-s", type=float, default=480.0, help="start no variant after this")
+    p.add_argument("--variants", default="opt,base", help=f"engine variants: {', '.join(VARIANTS)}")
+    p.add_argument("--budget-s", type=float, default=420.0, help="start no variant after this")
+    p.add_argument("--stream-requests", type=int, default=8, help="batch-1 requests in the stream")
+    p.add_argument("--no-first-image", action="store_true", help="skip the warm-cache restart")
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--steps", type=int, default=8)
     return p.parse_args()
@@ -86,6 +100,8 @@ def eager_phase(pipe: Any, r: dict[str, Any], a: argparse.Namespace, dev: torch.
             times.append(seconds)
             if batch == 1 and rep == 0:
                 reference = images[0]
+            if batch == 4 and rep == 0:  # seed 1 again, in a batch: eager's own bf16 noise
+                path["batch_vs_single"] = lib.image_difference(images[0], reference)
         path["runs"][str(batch)] = _run_stats(times, batch, r, a, lib.peak_gib(dev))
     r["paths"]["eager"] = path
     return reference
@@ -122,21 +138,26 @@ def engine_phase(
     probe: Any,
     probe_ref: Any,
     reference_image: Any,
+    first_variant: bool,
 ) -> None:
     torch._dynamo.reset()
+    lib.undo_optimizations(pipe)
     config = EngineConfig(
         model_path="(in memory)",
         device=str(dev),
-        attention_backend=variant,
         max_batch=4,
         default_steps=a.steps,
         compile=True,
+        **VARIANTS[variant],
     )
-    compile_pipeline(pipe, mode=None)
     identity = ModelIdentity(
         name="random-weights", revision=None, weights_sha256="0" * 64, source="memory"
     )
-    engine = TurboEngine(pipe, config=config, device=dev, identity=identity, compiled=True)
+    engine = TurboEngine(pipe, config=config, device=dev, identity=identity)
+    one = [GenerationSpec(PROMPT, seed=1, width=a.size, height=a.size, steps=a.steps)]
+    with torch.inference_mode():  # eager embeddings at the engine's own (unpadded) length
+        eager_caps, _ = engine._encode_prompts(one)
+    engine.compiled = optimize_pipeline(pipe, config=config, device=dev)
     path: dict[str, Any] = {"runs": {}}
     r["paths"][f"engine[{variant}]"] = path
     path["warmup_s"] = engine.warmup(width=a.size, height=a.size)
@@ -150,8 +171,12 @@ def engine_phase(
     first_s, first = lib.timed(lambda: engine.generate(specs(1, 1)), dev)
     path["time_to_first_image_s"] = r["build_s"] + path["warmup_s"] + first_s
     path["image_vs_eager"] = lib.image_difference(first[0].image, reference_image)
-    with attention_priority(variant, dev):
+    with attention_priority(config.attention_backend, dev):
         path["forward_rel_err"] = lib.relative_error(lib.forward(pipe, probe), probe_ref)
+        with torch.inference_mode():
+            caps, _ = engine._encode_prompts(one)
+        path["prompt_embeds_rel_err"] = lib.relative_error(caps, eager_caps)
+        path["prompt_embeds_rel_err_vs_512_padded"] = lib.relative_error(caps, probe[2])
     singles: dict[int, Any] = {}
     for batch, repeats in ((1, 3), (2, 2), (4, 2)):
         engine.generate(specs(batch, 500))  # untimed first call at this batch size
@@ -172,6 +197,58 @@ def engine_phase(
             for k in ("encode_prompt_s", "denoise_s", "decode_s")
         }
         path["runs"][str(batch)] = stats
+    if first_variant:
+        stream_and_restart(engine, path, r, a)
+    path["lossless"] = lib.lossless(path, r["paths"]["eager"])
+
+
+def stream_and_restart(engine: Any, path: dict[str, Any], r: dict[str, Any], a: Any) -> None:
+    """The steady stream (batch 1 and batch 4 requests), then a fresh process on the
+    compile cache this one filled."""
+    path["stream"] = {
+        "batch1": turbo_stream.stream(
+            engine,
+            prompt=PROMPT,
+            size=a.size,
+            steps=a.steps,
+            requests=a.stream_requests,
+            per_request=1,
+        ),
+        "batch4": turbo_stream.stream(
+            engine,
+            prompt=PROMPT,
+            size=a.size,
+            steps=a.steps,
+            requests=max(2, a.stream_requests // 3),
+            per_request=4,
+        ),
+    }
+    lib.write_report(r, a.out)
+    if a.no_first_image:
+        return
+    if engine.device.type == "cuda":  # room for the second process's copy of the model
+        torch.cuda.empty_cache()
+    target = a.out / "first_image_warm.json"
+    command = [
+        sys.executable,
+        str(Path(__file__).with_name("turbo_first_image.py")),
+        "--cache",
+        a.cache_dir,
+        "--out",
+        str(target),
+        "--size",
+        str(a.size),
+    ]
+    if a.tiny:
+        command.append("--tiny")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
+        if target.is_file():
+            path["first_image_warm_cache"] = json.loads(target.read_text())
+        else:
+            r["notes"].append(f"warm restart failed (rc {done.returncode}): {done.stderr[-400:]}")
+    except subprocess.TimeoutExpired:
+        r["notes"].append("warm restart ran past 240 s")
 
 
 def speedups(r: dict[str, Any]) -> None:
@@ -190,6 +267,10 @@ def speedups(r: dict[str, Any]) -> None:
 
 def main() -> None:
     a = parse()
+    # A fresh on-disk compile cache: the first variant compiles cold and fills it, the
+    # restart in stream_and_restart reads it warm. Set before anything compiles.
+    a.cache_dir = tempfile.mkdtemp(prefix="zimage-compile-cache-")
+    use_compile_cache(a.cache_dir)
     dev = torch.device("cpu" if a.tiny else "cuda")
     a.size = a.size or (256 if a.tiny else 1024)
     dtype = torch.float32 if a.tiny else torch.bfloat16
@@ -219,12 +300,12 @@ def main() -> None:
     reference_image = eager_phase(pipe, r, a, dev)
     print(f"eager done at {time.perf_counter() - PROCESS_START:.0f}s", flush=True)
     lib.write_report(r, a.out)
-    for variant in a.variants.split(","):
+    for number, variant in enumerate(a.variants.split(",")):
         if time.perf_counter() - PROCESS_START > a.budget_s:
             r["notes"].append(f"engine[{variant}] skipped: time budget spent")
             continue
         try:
-            engine_phase(pipe, variant, r, a, dev, probe, probe_ref, reference_image)
+            engine_phase(pipe, variant, r, a, dev, probe, probe_ref, reference_image, number == 0)
         except Exception as exc:  # keep what was measured so far
             r["notes"].append(f"engine[{variant}] failed: {type(exc).__name__}: {exc}"[:500])
         speedups(r)

@@ -100,6 +100,56 @@ def image_difference(a: Any, b: Any) -> dict[str, float]:
     }
 
 
+# Lossless = the optimised engine differs from eager diffusers by bf16 rounding only.
+# One bf16 rounding is 2**-9 (~2e-3) relative; through 34 random-weight blocks the
+# previous round's compiled forward (kernel fusion alone) measured 1.4e-2, so a forward
+# passes at <= 3e-2, prompt embeddings (36 layers) likewise, and the final image at
+# PSNR >= 40 dB against the eager image of the same seed (mean error ~1/255). Eager's own
+# batch-4-vs-alone difference (pure rounding) is reported beside it as the noise floor.
+FORWARD_REL_TOL = 3e-2
+EMBEDS_REL_TOL = 3e-2
+IMAGE_MIN_PSNR_DB = 40.0
+
+
+def lossless(path: dict[str, Any], eager: dict[str, Any]) -> dict[str, Any]:
+    image = path.get("image_vs_eager") or {}
+    checks = {
+        f"forward rel err <= {FORWARD_REL_TOL}": path.get("forward_rel_err", 1.0)
+        <= FORWARD_REL_TOL,
+        f"prompt embeds rel err <= {EMBEDS_REL_TOL}": path.get("prompt_embeds_rel_err", 1.0)
+        <= EMBEDS_REL_TOL,
+        f"image PSNR vs eager >= {IMAGE_MIN_PSNR_DB} dB": bool(
+            image.get("psnr_db", 0.0) >= IMAGE_MIN_PSNR_DB
+        ),
+    }
+    return {
+        "checks": checks,
+        "pass": all(checks.values()),
+        "eager_noise_floor": eager.get("batch_vs_single"),
+    }
+
+
+def undo_optimizations(pipe: Any) -> None:
+    """Back to diffusers' own modules before the next variant: complex RoPE, eager text
+    encoder (the transformer blocks and VAE are compiled again by each variant)."""
+    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+
+    from zimage_pipeline.engine.rope import _RealRopeEmbedder
+
+    transformer = pipe.transformer
+    if isinstance(transformer.rope_embedder, _RealRopeEmbedder):
+        transformer.rope_embedder = transformer.rope_embedder.inner
+    for module in transformer.modules():
+        old = getattr(module, "processor", None)
+        if type(old).__name__ == "RealRopeAttnProcessor":
+            new = ZSingleStreamAttnProcessor()
+            new._attention_backend = old._attention_backend
+            new._parallel_config = old._parallel_config
+            module.processor = new
+    for layer in getattr(pipe.text_encoder, "layers", None) or []:
+        layer._compiled_call_impl = None
+
+
 def device_info(device: torch.device) -> dict[str, Any]:
     import diffusers
     import transformers
@@ -168,6 +218,28 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {_f(path.get('forward_rel_err'), 5)} | {_f(image.get('mean_abs'), 2)}, {_f(image.get('psnr_db'), 1)} dB "
             f"| {_f(batch.get('max_abs'), 0)} |"
         )
+    lines += [
+        "",
+        "| path | stream | images/s | s/image | GPU busy (NVML) | inside generate | peak GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, path in r.get("paths", {}).items():
+        for kind, st in (path.get("stream") or {}).items():
+            lines.append(
+                f"| {name} | {st['requests']} x {st['images_per_request']} ({kind}) "
+                f"| {_f(st.get('images_per_s'))} | {_f(st.get('s_per_image'))} "
+                f"| {_f(st.get('gpu_busy_nvml'), 3)} | {_f(st.get('inside_generate_fraction'), 3)} "
+                f"| {_f(st.get('peak_gib'), 1)} |"
+            )
+        warm = path.get("first_image_warm_cache")
+        if warm:
+            lines.append(
+                f"\n{name}: fresh process on a warm compile cache: first image at "
+                f"{_f(warm.get('time_to_first_image_s'), 1)} s (imports {_f(warm.get('import_s'), 1)}, "
+                f"build {_f(warm.get('build_s'), 1)}, warmup {_f(warm.get('warmup_s'), 1)})"
+            )
+        if path.get("lossless"):
+            lines.append(f"\n{name}: lossless {path['lossless']}")
     lines += ["", "Speed-up over the eager reference (s/image):", ""]
     for key, value in r.get("speedup", {}).items():
         lines.append(f"- {key}: {_f(value, 2)}x")

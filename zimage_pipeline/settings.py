@@ -355,6 +355,9 @@ class EngineSettings(_Section):
     revision: str | None = None
     compile: bool = True
     compile_mode: str = ""
+    real_rope: bool = True
+    compile_text_encoder: bool = False
+    compile_cache_dir: str = ""
 
 
 class WorkerSettings(_Section):

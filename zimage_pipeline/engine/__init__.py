@@ -60,7 +60,7 @@ def load_engine(config: EngineConfig) -> TurboEngine:
         place,
         set_attention_backend,
     )
-    from zimage_pipeline.engine.optimize import compile_pipeline
+    from zimage_pipeline.engine.optimize import optimize_pipeline
 
     start = time.perf_counter()
     device = resolve_device(config.device)
@@ -71,13 +71,7 @@ def load_engine(config: EngineConfig) -> TurboEngine:
     pipe = load_pipeline(location, dtype=compute_dtype(device))
     place(pipe, device=device, memory_mode=config.memory_mode)
     set_attention_backend(pipe, config.attention_backend)
-    compiled = False
-    if config.compile and device.type == "cuda":
-        if config.memory_mode is Placement.SEQUENTIAL_OFFLOAD:
-            log.warning("engine.compile ignored with sequential offload (weights move per layer)")
-        else:
-            compile_pipeline(pipe, mode=config.compile_mode)
-            compiled = True
+    compiled = optimize_pipeline(pipe, config=config, device=device)
     log.info(
         "model %s (revision %s, sha256 %s) on %s in %.1fs",
         identity.name,

@@ -243,11 +243,26 @@ class TurboEngine:
         try:
             scaled = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
             pixels = vae.decode(scaled, return_dict=False)[0]
-            images: list[Any] = self.pipeline.image_processor.postprocess(pixels, output_type="pil")
-            return images
+            return to_pil(self.pipeline.image_processor, pixels)
         except Exception as exc:
             if classify(exc) is not FailureKind.OUT_OF_MEMORY or latents.shape[0] == 1:
                 raise
         free_device_memory()
         half = (latents.shape[0] + 1) // 2
         return self._decode(latents[:half]) + self._decode(latents[half:])
+
+
+def to_pil(processor: Any, pixels: Any) -> list[Any]:
+    """``processor.postprocess(pixels, output_type="pil")`` with the float-to-uint8 step on
+    the device: the same operations in the same precision (denormalize in the decoder's
+    dtype, then float32 * 255, round half to even, cast), so the same bytes, but 3 MB
+    instead of 12 MB cross to the host and the CPU no longer spends ~10 ms per 1024x1024
+    image on it while the GPU waits for the next batch."""
+    import torch
+    from PIL import Image
+
+    images = processor._denormalize_conditionally(pixels, None)
+    array = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    if array.shape[-1] == 1:  # diffusers' numpy_to_pil: grayscale as mode L
+        return [Image.fromarray(a[..., 0], mode="L") for a in array]
+    return [Image.fromarray(a) for a in array]

@@ -8,18 +8,52 @@
   flash / memory-efficient / math as fallbacks for inputs cuDNN cannot take. The choice
   is made while tracing; changing it between restarts may reuse graphs from the on-disk
   compile cache traced with the other kernel (both exact, only the speed differs).
+- ``real_rope`` (rope.py): RoPE with real tensors, so inductor fuses it into the blocks.
+- ``compile_text_encoder``: ``torch.compile`` of the Qwen3 decoder layers, one graph with
+  a dynamic sequence length (prompts vary), so the 36-layer encoder stops being bound by
+  Python and kernel launches (about 900 small kernels per prompt).
+- ``compile_cache_dir``: inductor's on-disk caches (FX graphs, Triton kernels) in a
+  directory that outlives the process, so a restart loads compiled graphs instead of
+  compiling them again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from zimage_pipeline.engine.config import SDPA_CUDNN
+from zimage_pipeline.engine.config import SDPA_CUDNN, EngineConfig, Placement
 
 log = logging.getLogger(__name__)
+
+
+def optimize_pipeline(pipe: Any, *, config: EngineConfig, device: Any) -> bool:
+    """Apply the configured speed-ups to a placed pipeline, in the order they need
+    (rewrites before compiling). Returns whether torch.compile was applied."""
+    from zimage_pipeline.engine.rope import use_real_rope
+
+    if config.real_rope:
+        use_real_rope(pipe.transformer)
+    # The text encoder is only read once per prompt: its KV cache is copying for nothing
+    # (the embeddings are the same), and its per-layer state makes torch.compile
+    # recompile each layer (36 variants, past the recompile limit).
+    if getattr(pipe.text_encoder.config, "use_cache", False):
+        pipe.text_encoder.config.use_cache = False
+    if not config.compile or device.type != "cuda":
+        return False
+    if config.memory_mode is Placement.SEQUENTIAL_OFFLOAD:
+        log.warning("engine.compile ignored with sequential offload (weights move per layer)")
+        return False
+    if config.compile_cache_dir:
+        use_compile_cache(config.compile_cache_dir)
+    compile_pipeline(pipe, mode=config.compile_mode)
+    if config.compile_text_encoder:
+        compile_text_encoder(pipe)
+    return True
 
 
 def compile_pipeline(pipe: Any, *, mode: str | None) -> None:
@@ -44,6 +78,40 @@ def compile_pipeline(pipe: Any, *, mode: str | None) -> None:
     # The decoder has data-dependent Python branches (upcasting), so no fullgraph here.
     pipe.vae.decoder.compile(**({"mode": mode} if mode else {}))
     log.info("torch.compile enabled (mode=%s): transformer blocks and VAE decoder", mode)
+
+
+def compile_text_encoder(pipe: Any) -> int:
+    """Compile each decoder layer of the text encoder (the same code, so one graph serves
+    all); ``dynamic=True`` from the start so that a new prompt length never recompiles on
+    a request. Returns how many layers were compiled."""
+    encoder = pipe.text_encoder  # Qwen3Model in Z-Image; a *ForCausalLM wraps it in .model
+    layers = getattr(encoder, "layers", None) or getattr(
+        getattr(encoder, "model", None), "layers", None
+    )
+    if layers is None:
+        log.warning("compile_text_encoder: no decoder layers found; left eager")
+        return 0
+    for layer in layers:
+        layer.compile(dynamic=True)
+    log.info("torch.compile enabled: %d text encoder layers", len(layers))
+    return len(layers)
+
+
+def use_compile_cache(directory: str) -> None:
+    """Point inductor's on-disk caches at ``directory`` (created if missing). Call before
+    the first compilation: inductor and Triton read the location when they first need it.
+    The environment is the only interface they offer for it, hence the write."""
+    import torch
+
+    path = Path(directory).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    # Triton's kernels go to <dir>/triton unless TRITON_CACHE_DIR says otherwise.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    inductor: Any = torch._inductor.config
+    inductor.fx_graph_cache = True
+    if hasattr(inductor, "autograd_cache"):
+        inductor.autograd_cache = True
+    log.info("compile cache in %s", path)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from PIL import Image
 from zimage_pipeline.errors import DependencyUnavailable, RequestRejectedError
 from zimage_pipeline.messages import GenerationRequest, ImageFormat, Priority
 from zimage_pipeline.ports import (
+    AuditRecord,
     Authorization,
     BeginKind,
     EncodedImage,
@@ -263,3 +264,9 @@ class FakeAudit:
     ) -> None:
         with self.lock:
             self.events.append((request_id, event_type))
+
+    def append_many(self, records: Sequence[AuditRecord]) -> None:
+        for r in records:
+            self.append(
+                request_id=r.request_id, event_type=r.event_type, actor=r.actor, payload=r.payload
+            )

@@ -191,10 +191,22 @@ class Store(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    request_id: str
+    event_type: str
+    actor: str
+    payload: Mapping[str, Any]
+
+
 class Audit(Protocol):
     def append(
         self, *, request_id: str, event_type: str, actor: str, payload: Mapping[str, Any]
     ) -> None: ...
+
+    def append_many(self, records: Sequence[AuditRecord]) -> None:
+        """Append in order, in one transaction: one commit instead of one per event."""
+        ...
 
 
 @dataclass(slots=True)

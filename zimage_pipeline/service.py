@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -41,6 +42,7 @@ from zimage_pipeline.messages import (
 )
 from zimage_pipeline.ports import (
     Audit,
+    AuditRecord,
     Authorization,
     Authorizer,
     BeginKind,
@@ -100,6 +102,7 @@ class _Job:
     timings: dict[str, float] = field(default_factory=dict)
     authorization: Authorization | None = None
     reserved: bool = False
+    pending_audit: list[AuditRecord] = field(default_factory=list)
 
 
 def payload_digest(request: GenerationRequest) -> str:
@@ -154,13 +157,17 @@ class RequestService:
             )
 
     async def _audit(self, job: _Job, event_type: str, payload: Mapping[str, Any]) -> None:
-        await self._io(
-            self._p.audit.append,
-            request_id=job.request.request_id,
-            event_type=event_type,
-            actor=job.principal,
-            payload=payload,
+        # Buffered and written a few at a time (_flush): every audit append takes the
+        # chain's single lock and a commit, which made it the control plane's largest
+        # cost when each event was its own transaction (bench/NOTES.md).
+        job.pending_audit.append(
+            AuditRecord(job.request.request_id, event_type, job.principal, payload)
         )
+
+    async def _flush(self, job: _Job) -> None:
+        if job.pending_audit:
+            records, job.pending_audit = job.pending_audit, []
+            await self._io(self._p.audit.append_many, records)
 
     async def handle(
         self, body: bytes, *, principal: str | None, routed_as: Priority | None = None
@@ -228,6 +235,8 @@ class RequestService:
             result = await self._serve(job)
         except ZImageError as exc:
             if exc.disposition in (Disposition.RETRY, Disposition.FATAL):
+                with suppress(ZImageError):  # the ledger may be what is down
+                    await self._flush(job)
                 raise
             result = await self._finish_unsuccessful(job, exc)
         return Outcome(result)
@@ -298,6 +307,7 @@ class RequestService:
             event,
             {"user": job.request.on_behalf_of, "reason": error.reason, "message": str(error)},
         )
+        await self._flush(job)
         await self._io(
             self._p.jobs.finish,
             job.request.request_id,
@@ -352,6 +362,7 @@ class RequestService:
         )
         job.reserved = True
         await self._audit(job, "quota_reserved", {"images": request.num_images})
+        await self._flush(job)  # the admission is on record before the GPU work
 
         self._check_not_expired(job)
         await self._io(self._p.jobs.mark, request.request_id, "running")
@@ -403,6 +414,7 @@ class RequestService:
             job, "commit", self._io(self._p.quota.commit, request.request_id, len(encoded))
         )
         await self._audit(job, "quota_committed", {"images": len(encoded)})
+        await self._flush(job)
         left = await self._io(self._p.quota.remaining, auth)
 
         result = succeeded_result(

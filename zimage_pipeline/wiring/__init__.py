@@ -7,10 +7,11 @@ model loads and warms up, the policy file is read, the signing material is check
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from zimage_pipeline.ports import AuditRecord
 from zimage_pipeline.service import Ports
 from zimage_pipeline.settings import Settings
 
@@ -32,6 +33,25 @@ class AuditAdapter:
 
     def append(self, *, request_id: str, event_type: str, actor: str, payload: Any) -> None:
         self._log.append(request_id=request_id, event_type=event_type, actor=actor, payload=payload)
+
+    def append_many(self, records: Sequence[AuditRecord]) -> None:
+        """One transaction (one chain-lock hold, one commit) for several events."""
+        from sqlalchemy.exc import OperationalError
+
+        from zimage_pipeline.errors import DependencyUnavailable
+
+        try:
+            with self._log.engine.begin() as connection:
+                for r in records:
+                    self._log.append(
+                        request_id=r.request_id,
+                        event_type=r.event_type,
+                        actor=r.actor,
+                        payload=r.payload,
+                        connection=connection,
+                    )
+        except OperationalError as exc:
+            raise DependencyUnavailable(f"audit append: ledger unavailable: {exc.orig}") from exc
 
 
 def build(settings: Settings, *, warmup: bool = True) -> Wiring:

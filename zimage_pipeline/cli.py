@@ -1,20 +1,16 @@
-"""`zimage-pipeline`: the one command-line entry point.
-
-Commands whose capability has not landed yet exit with status 3 and say which piece of
-work provides them, instead of pretending to work.
-"""
+"""`zimage-pipeline`: the one command-line entry point."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
 from zimage_pipeline.cli_audit import register as _register_audit_commands
 from zimage_pipeline.cli_quota import register as _register_quota_commands
 from zimage_pipeline.engine.tiny import DEFAULT_SEED as TINY_MODEL_SEED
-from zimage_pipeline.errors import ConfigError, NotYetAvailable
+from zimage_pipeline.errors import ConfigError
 from zimage_pipeline.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -41,7 +37,6 @@ ConfigOption = Annotated[
 ]
 
 EXIT_CONFIG = 2
-EXIT_NOT_AVAILABLE = 3
 
 
 def _settings(config: Path | None) -> Settings:
@@ -50,12 +45,6 @@ def _settings(config: Path | None) -> Settings:
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_CONFIG) from None
-
-
-def _not_available(command: str, provided_by: str) -> NoReturn:
-    exc = NotYetAvailable(f"`{command}` is not available in this version ({provided_by})")
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(EXIT_NOT_AVAILABLE)
 
 
 @app.command()

@@ -37,13 +37,6 @@ class DependencyUnavailable(ZImageError):
     reason = "DEPENDENCY_UNAVAILABLE"
 
 
-class NotYetAvailable(ZImageError):
-    """A command whose capability has not been built in this version."""
-
-    disposition = Disposition.FATAL
-    reason = "NOT_AVAILABLE"
-
-
 class RequestRejectedError(ZImageError):
     """The request cannot be served as asked; answered `rejected` and never retried."""
 

@@ -9,7 +9,7 @@ thread for the engine, a small pool for the rest), so no adapter can block the l
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
@@ -207,8 +207,3 @@ class Audit(Protocol):
     def append_many(self, records: Sequence[AuditRecord]) -> None:
         """Append in order, in one transaction: one commit instead of one per event."""
         ...
-
-
-@dataclass(slots=True)
-class Timings:
-    phases: dict[str, float] = field(default_factory=dict)

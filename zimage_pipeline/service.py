@@ -43,7 +43,6 @@ from zimage_pipeline.messages import (
 from zimage_pipeline.ports import (
     Audit,
     AuditRecord,
-    Authorization,
     Authorizer,
     BeginKind,
     Encoder,
@@ -100,7 +99,6 @@ class _Job:
     attempt: int
     created_at: datetime
     timings: dict[str, float] = field(default_factory=dict)
-    authorization: Authorization | None = None
     reserved: bool = False
     pending_audit: list[AuditRecord] = field(default_factory=list)
 
@@ -334,7 +332,6 @@ class RequestService:
                 on_behalf_of=request.on_behalf_of,
             ),
         )
-        job.authorization = auth
         check_limits(request, auth)
         await self._io(
             self._p.jobs.mark, request.request_id, "authorized", roles_snapshot=auth.roles_snapshot

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractRobustConnection
@@ -22,6 +23,25 @@ def ssl_context_for(settings: BrokerSettings) -> ssl.SSLContext | None:
     return context
 
 
+def _connection_options(
+    settings: BrokerSettings, *, login: str | None, password: str | None, name: str
+) -> dict[str, Any]:
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "login": login or settings.username,
+        "password": password
+        if password is not None
+        else settings.resolved_password().get_secret_value(),
+        "virtualhost": settings.virtual_host,
+        "ssl": settings.tls,
+        "ssl_context": ssl_context_for(settings),
+        "timeout": settings.connect_timeout_s,
+        "client_properties": {"connection_name": name},
+        "heartbeat": settings.heartbeat_s,
+    }
+
+
 async def connect_robust(
     settings: BrokerSettings,
     *,
@@ -29,35 +49,16 @@ async def connect_robust(
     password: str | None = None,
     name: str = "zimage-pipeline",
 ) -> AbstractRobustConnection:
-    """A connection that reconnects by itself and restores channels, topology and
-    consumers after a broker restart."""
-    return await aio_pika.connect_robust(
-        host=settings.host,
-        port=settings.port,
-        login=login or settings.username,
-        password=password
-        if password is not None
-        else settings.resolved_password().get_secret_value(),
-        virtualhost=settings.virtual_host,
-        ssl=settings.tls,
-        ssl_context=ssl_context_for(settings),
-        timeout=settings.connect_timeout_s,
-        client_properties={"connection_name": name},
-        heartbeat=settings.heartbeat_s,
+    """A connection that reconnects by itself (clients: submit, cancel, the demo)."""
+    connection: AbstractRobustConnection = await aio_pika.connect_robust(
+        **_connection_options(settings, login=login, password=password, name=name)
     )
+    return connection
 
 
 async def connect(settings: BrokerSettings, *, name: str = "zimage-worker") -> AbstractConnection:
     """A plain connection: the worker itself notices its loss and reconnects."""
-    return await aio_pika.connect(
-        host=settings.host,
-        port=settings.port,
-        login=settings.username,
-        password=settings.resolved_password().get_secret_value(),
-        virtualhost=settings.virtual_host,
-        ssl=settings.tls,
-        ssl_context=ssl_context_for(settings),
-        timeout=settings.connect_timeout_s,
-        client_properties={"connection_name": name},
-        heartbeat=settings.heartbeat_s,
+    connection: AbstractConnection = await aio_pika.connect(
+        **_connection_options(settings, login=None, password=None, name=name)
     )
+    return connection

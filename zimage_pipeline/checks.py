@@ -41,31 +41,14 @@ def _describe(exc: BaseException) -> str:
 
 
 def check_broker(settings: Settings) -> CheckResult:
-    import aio_pika
+    from zimage_pipeline.broker import connect
 
     cfg = settings.broker
     where = f"amqp{'s' if cfg.tls else ''}://{cfg.host}:{cfg.port}{cfg.virtual_host}"
     password = cfg.resolved_password()
 
     async def probe() -> str:
-        ssl_context = None
-        if cfg.tls:
-            ssl_context = ssl.create_default_context(
-                cafile=str(cfg.ca_cert_file) if cfg.ca_cert_file else None
-            )
-            if not cfg.verify_tls:
-                ssl_context.check_hostname = False
-                ssl_context.verify_mode = ssl.CERT_NONE
-        connection = await aio_pika.connect(
-            host=cfg.host,
-            port=cfg.port,
-            login=cfg.username,
-            password=password.get_secret_value(),
-            virtualhost=cfg.virtual_host,
-            ssl=cfg.tls,
-            ssl_context=ssl_context,
-            timeout=cfg.connect_timeout_s,
-        )
+        connection = await connect(cfg, name="zimage-pipeline check")
         async with connection:
             props = (
                 connection.transport.connection.server_properties if connection.transport else {}

@@ -154,7 +154,7 @@ class RequestService:
                 job.timings.get(phase, 0.0) + time.perf_counter() - started, 6
             )
 
-    async def _audit(self, job: _Job, event_type: str, payload: Mapping[str, Any]) -> None:
+    def _audit(self, job: _Job, event_type: str, payload: Mapping[str, Any]) -> None:
         # Buffered and written a few at a time (_flush): every audit append takes the
         # chain's single lock and a commit, which made it the control plane's largest
         # cost when each event was its own transaction (bench/NOTES.md).
@@ -228,7 +228,7 @@ class RequestService:
             attempt=begin.attempts,
             created_at=begin.created_at or self._clock(),
         )
-        await self._audit(job, "received", self._received_payload(job))
+        self._audit(job, "received", self._received_payload(job))
         try:
             result = await self._serve(job)
         except ZImageError as exc:
@@ -291,7 +291,7 @@ class RequestService:
             status = STATUS_BY_REASON.get(error.reason, status)
         if job.reserved:
             await self._io(self._p.quota.release, job.request.request_id, error.reason)
-            await self._audit(job, "quota_released", {"reason": error.reason})
+            self._audit(job, "quota_released", {"reason": error.reason})
         result = rejected(job.request.request_id, error, status=status).model_copy(
             update={
                 "on_behalf_of": job.request.on_behalf_of,
@@ -300,7 +300,7 @@ class RequestService:
             }
         )
         event = "denied" if status is Status.REJECTED else status.value
-        await self._audit(
+        self._audit(
             job,
             event,
             {"user": job.request.on_behalf_of, "reason": error.reason, "message": str(error)},
@@ -336,7 +336,7 @@ class RequestService:
         await self._io(
             self._p.jobs.mark, request.request_id, "authorized", roles_snapshot=auth.roles_snapshot
         )
-        await self._audit(
+        self._audit(
             job,
             "authorized",
             {
@@ -358,7 +358,7 @@ class RequestService:
             ),
         )
         job.reserved = True
-        await self._audit(job, "quota_reserved", {"images": request.num_images})
+        self._audit(job, "quota_reserved", {"images": request.num_images})
         await self._flush(job)  # the admission is on record before the GPU work
 
         self._check_not_expired(job)
@@ -366,9 +366,7 @@ class RequestService:
         specs = image_specs(request, effective_seed(request, job.payload_sha256))
         raw_images = await self._timed(job, "generate", self._gpu(self._p.engine.generate, specs))
         model = self._p.engine.identity
-        await self._audit(
-            job, "generated", generated_payload(request, model, raw_images, job.timings)
-        )
+        self._audit(job, "generated", generated_payload(request, model, raw_images, job.timings))
         encoded = await self._timed(
             job,
             "encode",
@@ -406,11 +404,11 @@ class RequestService:
                 audit_record=audit_record,
             ),
         )
-        await self._audit(job, "stored", stored_payload(outputs))
+        self._audit(job, "stored", stored_payload(outputs))
         await self._timed(
             job, "commit", self._io(self._p.quota.commit, request.request_id, len(encoded))
         )
-        await self._audit(job, "quota_committed", {"images": len(encoded)})
+        self._audit(job, "quota_committed", {"images": len(encoded)})
         await self._flush(job)
         left = await self._io(self._p.quota.remaining, auth)
 

@@ -194,7 +194,9 @@ class Worker:
             return value.decode() if isinstance(value, bytes) else str(value)
         return message.user_id
 
-    def _on_request_for(self, priority: Priority):  # type: ignore[no-untyped-def]
+    def _on_request_for(
+        self, priority: Priority
+    ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def on_request(message: AbstractIncomingMessage) -> None:
             attempt = _attempt_of(message)
             delivery = _Delivery(message, priority, self._principal_of(message), attempt)

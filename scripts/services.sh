@@ -216,8 +216,11 @@ JSON
             return 1
         fi
         log "seaweedfs: starting"
+        # -volume.max=0: as many volumes as the disk holds. Every bucket is its own
+        # collection and grows several volumes; a fixed small cap ran out after a few
+        # dozen test buckets ("no free volumes left", HTTP 500 on PUT).
         nohup "$weed" server -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
-            -master.port=19333 -master.volumeSizeLimitMB=64 -volume.port=18080 -volume.max=50 \
+            -master.port=19333 -master.volumeSizeLimitMB=64 -volume.port=18080 -volume.max=0 \
             -filer -filer.port=18888 -s3 -s3.port="$S3_PORT" -s3.config="$dir/s3.json" -master.telemetry=false \
             >"$dir/weed.log" 2>&1 &
         echo $! >"$dir/weed.pid"

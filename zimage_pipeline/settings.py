@@ -358,6 +358,10 @@ class EngineSettings(_Section):
     real_rope: bool = True
     compile_text_encoder: bool = False
     compile_cache_dir: str = ""
+    fuse_projections: bool = True
+    text_encoder_graphs: bool = True
+    prompt_bucket: int = Field(default=32, ge=1)
+    vae_channels_last: bool = False
 
 
 class WorkerSettings(_Section):

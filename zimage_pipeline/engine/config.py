@@ -47,12 +47,23 @@ class EngineConfig:
         False  # torch.compile of the Qwen3 layers: ~5-10 ms, +24 s cold compile
     )
     compile_cache_dir: str | None = None  # None = inductor's default (a per-user temp dir)
+    fuse_projections: bool = True  # q/k/v and FFN w1/w3 as one GEMM each; same dot products
+    text_encoder_graphs: bool = True  # own prompt encoding (prompts.py); CUDA graphs on a GPU
+    prompt_bucket: int = 32  # prompts padded to a multiple of this many tokens (graph shapes)
+    vae_channels_last: bool = False  # VAE decoder in channels-last memory format (cuDNN NHWC)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ConfigError("engine.max_batch must be at least 1")
         if self.default_steps < 1:
             raise ConfigError("engine.default_steps must be at least 1")
+        if self.prompt_bucket < 1:
+            raise ConfigError("engine.prompt_bucket must be at least 1")
+        if self.text_encoder_graphs and self.compile_text_encoder:
+            raise ConfigError(
+                "engine.text_encoder_graphs and engine.compile_text_encoder are exclusive: "
+                "a CUDA graph replays the eager encoder; turn one of them off"
+            )
 
     @classmethod
     def from_settings(cls, settings: EngineSettings) -> EngineConfig:
@@ -69,6 +80,10 @@ class EngineConfig:
             real_rope=settings.real_rope,
             compile_text_encoder=settings.compile_text_encoder,
             compile_cache_dir=settings.compile_cache_dir or None,
+            fuse_projections=settings.fuse_projections,
+            text_encoder_graphs=settings.text_encoder_graphs,
+            prompt_bucket=settings.prompt_bucket,
+            vae_channels_last=settings.vae_channels_last,
         )
 
 

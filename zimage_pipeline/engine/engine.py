@@ -6,22 +6,29 @@ batch it shares: batching changes kernels' rounding, never the inputs.
 
 Prompts are encoded padded to the longest prompt of the batch instead of diffusers'
 fixed 512 tokens. The text encoder is causal and the pipeline keeps only the
-attention-masked tokens, so the embeddings are the same, for far less work.
+attention-masked tokens, so the embeddings are the same, for far less work. With
+``engine.text_encoder_graphs`` the engine encodes them itself (prompts.py): bucketed
+lengths, each distinct prompt once, CUDA graphs on the GPU.
+
+Stage timings are marked with CUDA events on the GPU's stream rather than by waiting for
+the GPU between stages, so measuring them never leaves the GPU idle.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from zimage_pipeline.engine.batching import plan_batches
-from zimage_pipeline.engine.config import EngineConfig
+from zimage_pipeline.engine.config import EngineConfig, Placement
 from zimage_pipeline.engine.errors import DeviceFailure, GenerationFailed, GpuOutOfMemory
 from zimage_pipeline.engine.failures import FailureKind, classify, first_line, free_device_memory
 from zimage_pipeline.engine.identity import ModelIdentity
 from zimage_pipeline.engine.optimize import attention_priority
+from zimage_pipeline.engine.prompts import PromptEncoder, token_ids
 from zimage_pipeline.engine.types import (
     DEFAULT_HEIGHT,
     DEFAULT_WIDTH,
@@ -34,7 +41,6 @@ from zimage_pipeline.errors import ZImageError
 
 log = logging.getLogger(__name__)
 
-MAX_SEQUENCE_LENGTH = 512  # diffusers' limit for Z-Image prompts, in tokens
 _WARMUP_PROMPT = "a lighthouse at dusk, long shadows, gulls over a calm sea"
 
 
@@ -57,6 +63,16 @@ class TurboEngine:
         self.identity = identity
         self._batch_limits: dict[tuple[int, int], int] = {}
         self._broken: str | None = None
+        self.prompt_encoder: PromptEncoder | None = None
+        if config.text_encoder_graphs:
+            self.prompt_encoder = PromptEncoder(
+                pipeline,
+                device,
+                bucket=config.prompt_bucket,
+                # A captured graph holds the encoder's weights' addresses: only when they
+                # stay on the GPU (no offload hooks moving them per call).
+                graphs=config.memory_mode is Placement.GPU,
+            )
 
     @property
     def default_steps(self) -> int:
@@ -154,22 +170,22 @@ class TurboEngine:
         import torch
 
         start = time.perf_counter()
+        clock = _StageClock(self.device)
         with torch.inference_mode(), attention_priority(self.config.attention_backend, self.device):
             prompt_embeds, negative_embeds = self._encode_prompts(batch)
-            self._sync()
-            encoded = time.perf_counter()
+            clock.mark()
             latents = self._denoise(batch, prompt_embeds, negative_embeds)
-            self._sync()
-            denoised = time.perf_counter()
-            pil_images = self._decode(latents)
+            clock.mark()
+            pil_images = self._decode(latents)  # ends on the host: the GPU is done
             self.pipeline.maybe_free_model_hooks()  # model offload: the VAE leaves the GPU too
-        done = time.perf_counter()
+        total = time.perf_counter() - start
+        encode_s, denoise_s = clock.intervals()
         timings = StageTimings(
             batch_size=len(batch),
-            encode_prompt_s=encoded - start,
-            denoise_s=denoised - encoded,
-            decode_s=done - denoised,
-            total_s=done - start,
+            encode_prompt_s=encode_s,
+            denoise_s=denoise_s,
+            decode_s=max(0.0, total - encode_s - denoise_s),
+            total_s=total,
         )
         return [
             GeneratedImage(
@@ -185,35 +201,22 @@ class TurboEngine:
             for spec, image in zip(batch, pil_images, strict=True)
         ]
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            import torch
-
-            torch.cuda.synchronize(self.device)
-
-    def _token_count(self, text: str) -> int:
-        # The same chat template and tokenizer call as ZImagePipeline._encode_prompt.
-        tokenizer = self.pipeline.tokenizer
-        templated = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}],
-            tokenize=False,
-            add_generation_prompt=True,
-            enable_thinking=True,
-        )
-        return len(tokenizer(templated).input_ids)
-
     def _encode_prompts(self, batch: list[GenerationSpec]) -> tuple[list[Any], list[Any]]:
         cfg = batch[0].guidance_scale > 0
         prompts = [spec.prompt for spec in batch]
         negatives = [spec.negative_prompt or "" for spec in batch] if cfg else None
-        longest = max(self._token_count(text) for text in prompts + (negatives or []))
+        if self.prompt_encoder is not None:  # one encoder call for both lists
+            embeds = self.prompt_encoder.encode(prompts + (negatives or []))
+            return embeds[: len(prompts)], embeds[len(prompts) :]
+        tokenizer = self.pipeline.tokenizer
+        longest = max(len(token_ids(tokenizer, text)) for text in prompts + (negatives or []))
         positive, negative = self.pipeline.encode_prompt(
             prompt=prompts,
             # Not pipeline._execution_device: that walks every module (~8 ms per call).
             device=self.device,
             do_classifier_free_guidance=cfg,
             negative_prompt=negatives,
-            max_sequence_length=min(longest, MAX_SEQUENCE_LENGTH),
+            max_sequence_length=longest,  # <= 512: token_ids truncates as diffusers does
         )
         return list(positive), list(negative)
 
@@ -242,6 +245,10 @@ class TurboEngine:
         vae = self.pipeline.vae
         try:
             scaled = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+            if self.config.vae_channels_last:
+                import torch
+
+                scaled = scaled.contiguous(memory_format=torch.channels_last)
             pixels = vae.decode(scaled, return_dict=False)[0]
             return to_pil(self.pipeline.image_processor, pixels)
         except Exception as exc:
@@ -250,6 +257,40 @@ class TurboEngine:
         free_device_memory()
         half = (latents.shape[0] + 1) // 2
         return self._decode(latents[:half]) + self._decode(latents[half:])
+
+
+def _cuda_event() -> Any:
+    import torch
+
+    cuda: Any = torch.cuda  # Event is unannotated
+    event = cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+class _StageClock:
+    """Stage boundaries: CUDA events on the current stream (read once the batch is done,
+    so no synchronisation between stages), or the host clock on the CPU."""
+
+    def __init__(self, device: Any) -> None:
+        self._cuda = device.type == "cuda"
+        self._events: list[Any] = []
+        self._times = [time.perf_counter()]
+        if self._cuda:
+            self._events.append(_cuda_event())
+
+    def mark(self) -> None:
+        if self._cuda:
+            self._events.append(_cuda_event())
+        else:
+            self._times.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        """Seconds between consecutive marks; call after the GPU finished the marks."""
+        if self._cuda:
+            self._events[-1].synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in itertools.pairwise(self._events)]
+        return [b - a for a, b in itertools.pairwise(self._times)]
 
 
 def to_pil(processor: Any, pixels: Any) -> list[Any]:

@@ -12,6 +12,11 @@
 - ``compile_text_encoder``: ``torch.compile`` of the Qwen3 decoder layers, one graph with
   a dynamic sequence length (prompts vary), so the 36-layer encoder stops being bound by
   Python and kernel launches (about 900 small kernels per prompt).
+- ``fuse_projections`` (fusion.py): q/k/v and the FFN's w1/w3 as one GEMM each.
+- ``text_encoder_graphs`` (prompts.py, used by the engine): prompts at bucketed lengths,
+  encoded by a CUDA graph per shape.
+- ``vae_channels_last``: the VAE decoder's weights and input in channels-last (NHWC)
+  layout, the one cuDNN's convolutions run natively on; same convolutions.
 - ``compile_cache_dir``: inductor's on-disk caches (FX graphs, Triton kernels) in a
   directory that outlives the process, so a restart loads compiled graphs instead of
   compiling them again.
@@ -34,10 +39,23 @@ log = logging.getLogger(__name__)
 def optimize_pipeline(pipe: Any, *, config: EngineConfig, device: Any) -> bool:
     """Apply the configured speed-ups to a placed pipeline, in the order they need
     (rewrites before compiling). Returns whether torch.compile was applied."""
+    from zimage_pipeline.engine.fusion import fuse_projections
     from zimage_pipeline.engine.rope import use_real_rope
 
     if config.real_rope:
         use_real_rope(pipe.transformer)
+    if config.fuse_projections:
+        if config.memory_mode is Placement.SEQUENTIAL_OFFLOAD:
+            # Offload hooks sit on each linear layer; new fused layers would have none.
+            log.warning("engine.fuse_projections ignored with sequential offload")
+        else:
+            fuse_projections(pipe.transformer)
+            if device.type == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()  # the unfused weights' blocks
+    if config.vae_channels_last:
+        use_channels_last(pipe)
     # The text encoder is only read once per prompt: its KV cache is copying for nothing
     # (the embeddings are the same), and its per-layer state makes torch.compile
     # recompile each layer (36 variants, past the recompile limit).
@@ -54,6 +72,15 @@ def optimize_pipeline(pipe: Any, *, config: EngineConfig, device: Any) -> bool:
     if config.compile_text_encoder:
         compile_text_encoder(pipe)
     return True
+
+
+def use_channels_last(pipe: Any) -> None:
+    """The VAE decoder in channels-last layout; its input is converted at decode time
+    (``TurboEngine._decode``), so every convolution runs NHWC without transposes."""
+    import torch
+
+    pipe.vae.decoder.to(memory_format=torch.channels_last)
+    log.info("VAE decoder in channels-last memory format")
 
 
 def compile_pipeline(pipe: Any, *, mode: str | None) -> None:

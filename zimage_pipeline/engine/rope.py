@@ -50,71 +50,27 @@ def rotate(x_in: Any, freqs: Any) -> Any:
     return torch.stack((a * c - b * d, a * d + b * c), dim=-1).flatten(3).type_as(x_in)
 
 
-def _processor_class() -> type:
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
-    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
-
-    class RealRopeAttnProcessor(ZSingleStreamAttnProcessor):
-        """ZSingleStreamAttnProcessor.__call__ of diffusers 0.42.1 with ``rotate``."""
-
-        def __call__(
-            self,
-            attn: Any,
-            hidden_states: Any,
-            encoder_hidden_states: Any = None,
-            attention_mask: Any = None,
-            freqs_cis: Any = None,
-        ) -> Any:
-            query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
-            key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
-            value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
-            if attn.norm_q is not None:
-                query = attn.norm_q(query)
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
-            if freqs_cis is not None:
-                query = rotate(query, freqs_cis)
-                key = rotate(key, freqs_cis)
-            dtype = query.dtype
-            if attention_mask is not None and attention_mask.ndim == 2:
-                attention_mask = attention_mask[:, None, None, :]
-            out = dispatch_attention_fn(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask,
-                dropout_p=0.0,
-                is_causal=False,
-                backend=self._attention_backend,
-                parallel_config=self._parallel_config,
-            )
-            out = attn.to_out[0](out.flatten(2, 3).to(dtype))
-            if len(attn.to_out) > 1:  # dropout
-                out = attn.to_out[1](out)
-            return out
-
-    return RealRopeAttnProcessor
-
-
 def use_real_rope(transformer: Any) -> int:
     """Switch every Z-Image attention of ``transformer`` to the real-valued rotation, in
-    place, before compiling. Keeps each processor's attention backend. Returns how many
-    attention modules were switched (0: not a Z-Image transformer, nothing changed)."""
-    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+    place, before compiling: the engine's processor (attention.py) rotates with ``rotate``
+    when the table it receives is real. Returns how many attention modules use the engine's
+    processor after this call (0: already switched, or not a Z-Image transformer)."""
+    from zimage_pipeline.engine.attention import install_processor, processor_class
 
     if isinstance(transformer.rope_embedder, _RealRopeEmbedder):
         return 0
-    cls = _processor_class()
-    switched = 0
-    for module in transformer.modules():
-        old = getattr(module, "processor", None)
-        if type(old) is ZSingleStreamAttnProcessor:
-            new = cls()
-            new._attention_backend = old._attention_backend
-            new._parallel_config = old._parallel_config
-            module.processor = new
-            switched += 1
+    install_processor(transformer)
+    cls = processor_class()
+    switched = sum(
+        1 for module in transformer.modules() if type(getattr(module, "processor", None)) is cls
+    )
     if switched:
         transformer.rope_embedder = _RealRopeEmbedder(transformer.rope_embedder)
     log.info("real-valued RoPE in %d attention modules", switched)
     return switched
+
+
+def undo_real_rope(transformer: Any) -> None:
+    """The complex table again (the processor then takes diffusers' complex path)."""
+    if isinstance(transformer.rope_embedder, _RealRopeEmbedder):
+        transformer.rope_embedder = transformer.rope_embedder.inner

@@ -1,0 +1,119 @@
+"""Test support: `zimage-pipeline worker` as it runs in production, with faults injected.
+
+    python -m tests.integration.fault_matrix.fault_worker
+
+Settings load the normal way (environment, plus the case's overrides as JSON in
+ZIMAGE_FAULT_OVERRIDES), `wiring.build` binds the real adapters, `run_worker` runs the
+real consumer. ZIMAGE_FAULT (JSON) wraps ports or patches the consumer, in this process
+only (the production package knows nothing of it):
+
+    generate_delay_s   sleep this long in every generation (makes "mid-generation" last)
+    kill               "after_store"    SIGKILL once the objects are stored, before the
+                                        ledger commit
+                       "before_publish" SIGKILL once the ledger has the result, before it
+                                        is published
+                       "after_publish"  SIGKILL once the broker confirmed the result,
+                                        before the delivery is acked
+
+Each fault prints one `FAULT ...` line on stderr first, so the test's log shows where the
+process died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from zimage_pipeline.messages import GenerationResult, Status
+from zimage_pipeline.ports import Engine, ImageSpec, ModelIdentity, RawImage, Store, StoredOutputs
+from zimage_pipeline.settings import load_settings
+from zimage_pipeline.wiring import Wiring
+
+KILL_POINTS = ("after_store", "before_publish", "after_publish")
+
+
+def die(where: str) -> None:
+    print(f"FAULT SIGKILL {where}", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SlowEngine:
+    def __init__(self, inner: Engine, delay_s: float) -> None:
+        self._inner = inner
+        self._delay_s = delay_s
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return self._inner.identity
+
+    def generate(self, specs: Sequence[ImageSpec]) -> list[RawImage]:
+        print(f"FAULT generating {len(specs)} image(s) slowly", file=sys.stderr, flush=True)
+        time.sleep(self._delay_s)
+        return self._inner.generate(specs)
+
+
+class KillAfterStore:
+    def __init__(self, inner: Store) -> None:
+        self._inner = inner
+
+    def store(self, **kwargs: Any) -> StoredOutputs:
+        outputs = self._inner.store(**kwargs)
+        die(f"after storing {len(outputs.images)} image(s), before the ledger commit")
+        return outputs
+
+
+def patch_publishing(kill: str) -> None:
+    """Wrap the consumer's confirmed publish of a succeeded result."""
+    from zimage_pipeline.worker.consumer import Worker
+
+    original = Worker._publish_result
+
+    async def publish(self: Worker, result: GenerationResult) -> None:
+        if result.status is Status.SUCCEEDED and kill == "before_publish":
+            die("after the ledger commit, before publishing the result")
+        await original(self, result)
+        if result.status is Status.SUCCEEDED and kill == "after_publish":
+            die("after the broker confirmed the result, before the ack")
+
+    setattr(Worker, "_publish_result", publish)  # noqa: B010 (a method, patched on purpose)
+
+
+def inject(wiring: Wiring, faults: Mapping[str, Any]) -> Wiring:
+    ports = wiring.ports
+    if faults.get("generate_delay_s"):
+        ports = replace(ports, engine=SlowEngine(ports.engine, float(faults["generate_delay_s"])))
+    kill = faults.get("kill")
+    if kill is not None and kill not in KILL_POINTS:
+        raise SystemExit(f"unknown kill point {kill!r}; one of {KILL_POINTS}")
+    if kill == "after_store":
+        ports = replace(ports, store=KillAfterStore(ports.store))
+    elif kill is not None:
+        patch_publishing(kill)
+    return replace(wiring, ports=ports)
+
+
+def main() -> int:
+    from zimage_pipeline.observability import configure_logging
+    from zimage_pipeline.wiring import build
+    from zimage_pipeline.worker.runner import run_worker
+
+    settings = load_settings(**json.loads(os.environ.get("ZIMAGE_FAULT_OVERRIDES", "{}")))
+    faults = json.loads(os.environ.get("ZIMAGE_FAULT", "{}"))
+    configure_logging(level=settings.logging.level, json_logs=settings.logging.json_logs)
+
+    async def run() -> int:
+        wiring = inject(await asyncio.to_thread(build, settings), faults)
+        return await run_worker(settings, wiring)
+
+    return asyncio.run(run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

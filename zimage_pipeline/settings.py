@@ -361,7 +361,6 @@ class EngineSettings(_Section):
     fuse_projections: bool = True
     text_encoder_graphs: bool = True
     prompt_bucket: int = Field(default=32, ge=1)
-    vae_channels_last: bool = False
 
 
 class WorkerSettings(_Section):

@@ -50,7 +50,6 @@ class EngineConfig:
     fuse_projections: bool = True  # q/k/v and FFN w1/w3 as one GEMM each; same dot products
     text_encoder_graphs: bool = True  # own prompt encoding (prompts.py); CUDA graphs on a GPU
     prompt_bucket: int = 32  # prompts padded to a multiple of this many tokens (graph shapes)
-    vae_channels_last: bool = False  # VAE decoder in channels-last memory format (cuDNN NHWC)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -83,7 +82,6 @@ class EngineConfig:
             fuse_projections=settings.fuse_projections,
             text_encoder_graphs=settings.text_encoder_graphs,
             prompt_bucket=settings.prompt_bucket,
-            vae_channels_last=settings.vae_channels_last,
         )
 
 

@@ -245,10 +245,6 @@ class TurboEngine:
         vae = self.pipeline.vae
         try:
             scaled = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-            if self.config.vae_channels_last:
-                import torch
-
-                scaled = scaled.contiguous(memory_format=torch.channels_last)
             pixels = vae.decode(scaled, return_dict=False)[0]
             return to_pil(self.pipeline.image_processor, pixels)
         except Exception as exc:

@@ -15,8 +15,6 @@
 - ``fuse_projections`` (fusion.py): q/k/v and the FFN's w1/w3 as one GEMM each.
 - ``text_encoder_graphs`` (prompts.py, used by the engine): prompts at bucketed lengths,
   encoded by a CUDA graph per shape.
-- ``vae_channels_last``: the VAE decoder's weights and input in channels-last (NHWC)
-  layout, the one cuDNN's convolutions run natively on; same convolutions.
 - ``compile_cache_dir``: inductor's on-disk caches (FX graphs, Triton kernels) in a
   directory that outlives the process, so a restart loads compiled graphs instead of
   compiling them again.
@@ -54,8 +52,6 @@ def optimize_pipeline(pipe: Any, *, config: EngineConfig, device: Any) -> bool:
                 import torch
 
                 torch.cuda.empty_cache()  # the unfused weights' blocks
-    if config.vae_channels_last:
-        use_channels_last(pipe)
     # The text encoder is only read once per prompt: its KV cache is copying for nothing
     # (the embeddings are the same), and its per-layer state makes torch.compile
     # recompile each layer (36 variants, past the recompile limit).
@@ -72,15 +68,6 @@ def optimize_pipeline(pipe: Any, *, config: EngineConfig, device: Any) -> bool:
     if config.compile_text_encoder:
         compile_text_encoder(pipe)
     return True
-
-
-def use_channels_last(pipe: Any) -> None:
-    """The VAE decoder in channels-last layout; its input is converted at decode time
-    (``TurboEngine._decode``), so every convolution runs NHWC without transposes."""
-    import torch
-
-    pipe.vae.decoder.to(memory_format=torch.channels_last)
-    log.info("VAE decoder in channels-last memory format")
 
 
 def compile_pipeline(pipe: Any, *, mode: str | None) -> None:

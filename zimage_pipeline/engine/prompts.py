@@ -9,7 +9,7 @@ a real token sees, with or without an attention mask. This module computes exact
 - prompts padded on the right to a bucketed length (a multiple of ``bucket`` tokens), so
   a handful of shapes serve every prompt;
 - no attention mask: pure causal attention (SDPA's ``is_causal``), which needs no mask
-  tensor and no host-side check of it;
+  tensor and no host-side check of it (sliding-window encoders keep transformers' masks);
 - each distinct text encoded once per call (a request's images share their prompt);
 - on a CUDA device, one CUDA graph per (distinct prompts, bucket), captured on first use
   and replayed after: the 36-layer encoder is about 900 small kernels whose launches,
@@ -94,9 +94,16 @@ class PromptEncoder:
     # -- running the encoder -----------------------------------------------------
 
     def _forward(self, ids: Any) -> Any:
-        # hidden_states[-2] as diffusers takes it; attention_mask=None: causal only.
-        out = self.pipeline.text_encoder(input_ids=ids, output_hidden_states=True)
-        return out.hidden_states[-2]
+        encoder = self.pipeline.text_encoder
+        # No mask: causal attention only. Passed as transformers' prepared mask mapping
+        # (None per attention type) so that SDPA runs in its causal mode both eagerly and
+        # while a graph is captured; given no mapping, transformers builds an explicit
+        # causal mask during capture, which selects another attention kernel (measured:
+        # 2.6e-2 relative difference on random weights, bf16 rounding only).
+        layer_types = set(getattr(encoder.config, "layer_types", None) or ["full_attention"])
+        masks = {kind: None for kind in layer_types} if layer_types == {"full_attention"} else None
+        out = encoder(input_ids=ids, attention_mask=masks, output_hidden_states=True)
+        return out.hidden_states[-2]  # as diffusers takes it
 
     def _hidden(self, ids: Any) -> Any:
         if not self.use_graphs:

@@ -113,26 +113,11 @@ def test_fusion_is_skipped_with_sequential_offload(
     assert processors == {processor_class()}  # real RoPE still installed it
 
 
-def test_vae_channels_last_leaves_the_image_unchanged(
-    make_engine: Callable[..., TurboEngine],
-) -> None:
-    plain = make_engine(vae_channels_last=False)
-    nhwc = make_engine(vae_channels_last=True)
-    conv = nhwc.pipeline.vae.decoder.conv_in.weight
-    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    a = np.asarray(plain.generate([SPEC])[0].image, dtype=np.int16)
-    b = np.asarray(nhwc.generate([SPEC])[0].image, dtype=np.int16)
-    assert int(np.abs(a - b).max()) <= 1
-
-
 def test_round_three_settings_reach_the_engine_config() -> None:
-    settings = EngineSettings(
-        fuse_projections=False, text_encoder_graphs=False, prompt_bucket=64, vae_channels_last=True
-    )
+    settings = EngineSettings(fuse_projections=False, text_encoder_graphs=False, prompt_bucket=64)
     config = EngineConfig.from_settings(settings)
-    assert (
-        config.fuse_projections,
-        config.text_encoder_graphs,
-        config.prompt_bucket,
-        config.vae_channels_last,
-    ) == (False, False, 64, True)
+    assert (config.fuse_projections, config.text_encoder_graphs, config.prompt_bucket) == (
+        False,
+        False,
+        64,
+    )

@@ -42,14 +42,10 @@ from zimage_pipeline.engine.optimize import (  # noqa: E402
     optimize_pipeline,
     use_compile_cache,
 )
+from zimage_pipeline.engine.prompts import token_ids  # noqa: E402
 from zimage_pipeline.engine.types import GenerationSpec  # noqa: E402
 
-# Engine variants: "opt" is this round's configuration (the new defaults), "base" the
-# previous round's (compiled blocks and VAE only), for an A/B in the same process.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "opt": {"real_rope": True, "compile_text_encoder": True},
-    "base": {"real_rope": False, "compile_text_encoder": False},
-}
+VARIANTS = lib.VARIANTS
 
 # About 110 tokens with the byte-level bench tokenizer: a long-ish real prompt's length.
 PROMPT = (
@@ -64,7 +60,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/out")))
     p.add_argument("--variants", default="opt,base", help=f"engine variants: {', '.join(VARIANTS)}")
     p.add_argument("--budget-s", type=float, default=420.0, help="start no variant after this")
-    p.add_argument("--stream-requests", type=int, default=8, help="batch-1 requests in the stream")
+    p.add_argument("--stream-requests", type=int, default=12, help="batch-1 requests in the stream")
     p.add_argument("--no-first-image", action="store_true", help="skip the warm-cache restart")
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--steps", type=int, default=8)
@@ -155,8 +151,13 @@ def engine_phase(
     )
     engine = TurboEngine(pipe, config=config, device=dev, identity=identity)
     one = [GenerationSpec(PROMPT, seed=1, width=a.size, height=a.size, steps=a.steps)]
-    with torch.inference_mode():  # eager embeddings at the engine's own (unpadded) length
-        eager_caps, _ = engine._encode_prompts(one)
+    with torch.inference_mode():  # diffusers' eager embeddings at the unpadded length
+        eager_caps, _ = pipe.encode_prompt(
+            prompt=[PROMPT],
+            device=dev,
+            do_classifier_free_guidance=False,
+            max_sequence_length=len(token_ids(pipe.tokenizer, PROMPT)),
+        )
     engine.compiled = optimize_pipeline(pipe, config=config, device=dev)
     path: dict[str, Any] = {"runs": {}}
     r["paths"][f"engine[{variant}]"] = path
@@ -197,9 +198,39 @@ def engine_phase(
             for k in ("encode_prompt_s", "denoise_s", "decode_s")
         }
         path["runs"][str(batch)] = stats
+    if engine.prompt_encoder is not None:
+        path["prompt_encoder"] = {
+            "cuda_graphs": engine.prompt_encoder.graph_count,
+            "graph_error": engine.prompt_encoder.graph_error,
+            "bucket": engine.prompt_encoder.bucket,
+        }
+    if first_variant and dev.type == "cuda":
+        path["profile"] = profiles(engine, pipe, probe, a, dev)
+        lib.write_report(r, a.out)
     if first_variant:
         stream_and_restart(engine, path, r, a)
     path["lossless"] = lib.lossless(path, r["paths"]["eager"])
+
+
+def profiles(engine: Any, pipe: Any, probe: Any, a: Any, dev: torch.device) -> dict[str, Any]:
+    """Where the GPU time goes (kernel names, for the next round): one compiled forward,
+    one VAE decode, one whole batch-1 request (kernel time over its wall time)."""
+    out: dict[str, Any] = {}
+    spec = [GenerationSpec(PROMPT, seed=3, width=a.size, height=a.size, steps=a.steps)]
+    latents = torch.randn(1, 16, a.size // 8, a.size // 8, device=dev, dtype=pipe.vae.dtype)
+    cases = {
+        "forward_batch1": lambda: lib.forward(pipe, probe),
+        "vae_decode_batch1": lambda: pipe.vae.decode(latents, return_dict=False),
+        "request_batch1": lambda: engine.generate(spec),
+    }
+    with attention_priority(engine.config.attention_backend, dev):
+        for name, fn in cases.items():
+            try:
+                with torch.inference_mode():
+                    out[name] = lib.top_kernels(fn)
+            except Exception as exc:  # a profiler problem must not lose the run
+                out[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    return out
 
 
 def stream_and_restart(engine: Any, path: dict[str, Any], r: dict[str, Any], a: Any) -> None:
@@ -219,7 +250,7 @@ def stream_and_restart(engine: Any, path: dict[str, Any], r: dict[str, Any], a: 
             prompt=PROMPT,
             size=a.size,
             steps=a.steps,
-            requests=max(2, a.stream_requests // 3),
+            requests=max(2, a.stream_requests // 4),
             per_request=4,
         ),
     }

@@ -23,6 +23,7 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import turbo_lib as lib  # noqa: E402
 
 from zimage_pipeline.engine.architecture import FULL, TINY, build_random_pipeline  # noqa: E402
 from zimage_pipeline.engine.config import EngineConfig  # noqa: E402
@@ -56,9 +57,8 @@ def main() -> None:
         device=str(dev),
         max_batch=4,
         compile=True,
-        real_rope=True,
-        compile_text_encoder=True,
         compile_cache_dir=a.cache,
+        **lib.VARIANTS["opt"],
     )
     compiled = optimize_pipeline(pipe, config=config, device=dev)
     identity = ModelIdentity(

@@ -100,6 +100,23 @@ def image_difference(a: Any, b: Any) -> dict[str, float]:
     }
 
 
+# Engine variants: "opt" is this round's configuration (the new defaults), "base" the
+# previous round's defaults, for an A/B in the same process (turbo_bench, turbo_first_image).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "opt": {
+        "real_rope": True,
+        "compile_text_encoder": False,
+        "fuse_projections": True,
+        "text_encoder_graphs": True,
+    },
+    "base": {
+        "real_rope": True,
+        "compile_text_encoder": False,
+        "fuse_projections": False,
+        "text_encoder_graphs": False,
+    },
+}
+
 # Lossless = the optimised engine differs from eager diffusers by bf16 rounding only.
 # One bf16 rounding is 2**-9 (~2e-3) relative; through 34 random-weight blocks the
 # previous round's compiled forward (kernel fusion alone) measured 1.4e-2, so a forward
@@ -130,24 +147,43 @@ def lossless(path: dict[str, Any], eager: dict[str, Any]) -> dict[str, Any]:
 
 
 def undo_optimizations(pipe: Any) -> None:
-    """Back to diffusers' own modules before the next variant: complex RoPE, eager text
-    encoder (the transformer blocks and VAE are compiled again by each variant)."""
-    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
-
-    from zimage_pipeline.engine.rope import _RealRopeEmbedder
+    """Back to diffusers' own modules before the next variant: unfused projections,
+    complex RoPE, diffusers' processor, eager text encoder (the transformer blocks and VAE
+    are compiled again by each variant)."""
+    from zimage_pipeline.engine.attention import restore_processor
+    from zimage_pipeline.engine.fusion import unfuse_projections
+    from zimage_pipeline.engine.rope import undo_real_rope
 
     transformer = pipe.transformer
-    if isinstance(transformer.rope_embedder, _RealRopeEmbedder):
-        transformer.rope_embedder = transformer.rope_embedder.inner
-    for module in transformer.modules():
-        old = getattr(module, "processor", None)
-        if type(old).__name__ == "RealRopeAttnProcessor":
-            new = ZSingleStreamAttnProcessor()
-            new._attention_backend = old._attention_backend
-            new._parallel_config = old._parallel_config
-            module.processor = new
+    unfuse_projections(transformer)
+    undo_real_rope(transformer)
+    restore_processor(transformer)
     for layer in getattr(pipe.text_encoder, "layers", None) or []:
         layer._compiled_call_impl = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def top_kernels(fn: Callable[[], Any], limit: int = 25) -> dict[str, Any]:
+    """GPU time per kernel name over one call of ``fn`` (after one unprofiled call), and
+    the share of the call's wall time that some kernel was running."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    rows = []
+    for e in prof.key_averages():
+        total = getattr(e, "device_time_total", 0) or 0
+        if total > 0:
+            rows.append({"name": e.key[:120], "calls": e.count, "ms": total / 1e3})
+    rows.sort(key=lambda r: -float(r["ms"]))
+    kernel_ms = sum(float(r["ms"]) for r in rows)
+    return {"wall_ms": wall * 1e3, "kernel_ms": kernel_ms, "top": rows[:limit]}
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
@@ -220,15 +256,16 @@ def markdown(r: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| path | stream | images/s | s/image | GPU busy (NVML) | inside generate | peak GiB |",
-        "|---|---|---|---|---|---|---|",
+        "| path | stream | images/s | s/image | GPU busy (NVML) | steady images/s | steady GPU busy | inside generate | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, path in r.get("paths", {}).items():
         for kind, st in (path.get("stream") or {}).items():
             lines.append(
                 f"| {name} | {st['requests']} x {st['images_per_request']} ({kind}) "
                 f"| {_f(st.get('images_per_s'))} | {_f(st.get('s_per_image'))} "
-                f"| {_f(st.get('gpu_busy_nvml'), 3)} | {_f(st.get('inside_generate_fraction'), 3)} "
+                f"| {_f(st.get('gpu_busy_nvml'), 3)} | {_f(st.get('steady_images_per_s'))} "
+                f"| {_f(st.get('steady_gpu_busy_nvml'), 3)} | {_f(st.get('inside_generate_fraction'), 3)} "
                 f"| {_f(st.get('peak_gib'), 1)} |"
             )
         warm = path.get("first_image_warm_cache")
@@ -238,6 +275,15 @@ def markdown(r: dict[str, Any]) -> str:
                 f"{_f(warm.get('time_to_first_image_s'), 1)} s (imports {_f(warm.get('import_s'), 1)}, "
                 f"build {_f(warm.get('build_s'), 1)}, warmup {_f(warm.get('warmup_s'), 1)})"
             )
+        if path.get("prompt_encoder"):
+            lines.append(f"\n{name}: prompt encoder {path['prompt_encoder']}")
+        for case, prof in (path.get("profile") or {}).items():
+            if "top" in prof:
+                lines.append(
+                    f"\n{name} profile {case}: kernels {_f(prof['kernel_ms'], 1)} ms of "
+                    f"{_f(prof['wall_ms'], 1)} ms wall; top: "
+                    + "; ".join(f"{k['name'][:60]} {_f(k['ms'], 1)}" for k in prof["top"][:6])
+                )
         if path.get("lossless"):
             lines.append(f"\n{name}: lossless {path['lossless']}")
     lines += ["", "Speed-up over the eager reference (s/image):", ""]

@@ -25,6 +25,7 @@ class GpuSampler:
     def __init__(self, device: torch.device, period_s: float = 0.02) -> None:
         self.device, self.period_s = device, period_s
         self.samples: list[int] = []
+        self.times: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.error: str | None = None
@@ -33,6 +34,7 @@ class GpuSampler:
         while not self._stop.is_set():
             try:
                 self.samples.append(int(torch.cuda.utilization(self.device)))
+                self.times.append(time.perf_counter())
             except Exception as exc:  # no NVML bindings: report why, keep the run
                 self.error = f"{type(exc).__name__}: {exc}"[:200]
                 return
@@ -48,10 +50,14 @@ class GpuSampler:
         if self._thread.is_alive():
             self._thread.join()
 
-    def mean(self) -> float | None:
-        # Drop the first samples: NVML averages over its own window (up to 1 s), which
-        # starts before the stream does.
-        tail = self.samples[len(self.samples) // 10 :]
+    def mean(self, until: float | None = None) -> float | None:
+        """Mean utilisation, of samples taken up to ``until`` (perf_counter) if given.
+        The first tenth is dropped: NVML averages over its own window (up to 1 s),
+        which starts before the stream does."""
+        samples = [
+            s for s, t in zip(self.samples, self.times, strict=True) if until is None or t <= until
+        ]
+        tail = samples[len(samples) // 10 :]
         return sum(tail) / len(tail) / 100 if tail else None
 
 
@@ -93,6 +99,8 @@ def stream(
         "encode_tail_s": wall - (generated - start),
         "png_mib": encoded_bytes / 2**20,
         "gpu_busy_nvml": sampler.mean(),
+        "steady_images_per_s": images_total / (generated - start),
+        "steady_gpu_busy_nvml": sampler.mean(until=generated),
         "nvml_samples": len(sampler.samples),
         "nvml_error": sampler.error,
         "inside_generate_fraction": inside / wall,

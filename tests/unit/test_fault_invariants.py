@@ -286,3 +286,12 @@ def test_edited_audit_event_breaks_the_chain(books: Books) -> None:
 def test_deleted_audit_event_breaks_the_chain(books: Books) -> None:
     books.sql("DELETE FROM audit_events WHERE event_type = 'denied'")
     assert_named(problems_of(books), "audit chain", "missing", "without a 'denied' audit event")
+
+
+def test_a_pre_ledger_rejection_leaves_only_its_published_event(books: Books) -> None:
+    rejection = _rejected("junk-1", "INVALID_REQUEST")
+    books.results.append(rejection)
+    books.event("junk-1", "published", {"status": "rejected", "reason": "INVALID_REQUEST"})
+    assert problems_of(books) == []
+    books.event("junk-1", "quota_reserved", {"images": 1})
+    assert_named(problems_of(books), "junk-1: audit events", "without a job row")

@@ -139,6 +139,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             encoder=StubEncoder(),
             jobs=Timed(wiring.ports.jobs, "jobs", calls),
             audit=Timed(wiring.ports.audit, "audit", calls),
+            ledger=Timed(wiring.ports.ledger, "ledger", calls),
         )
         async with running_worker(settings, ports, worker_id="bench-setup"):
             pass  # declare the topology before the client binds its results queue

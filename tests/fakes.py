@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -270,3 +270,56 @@ class FakeAudit:
             self.append(
                 request_id=r.request_id, event_type=r.event_type, actor=r.actor, payload=r.payload
             )
+
+
+class FakeLedger:
+    """The Ledger port over the fake jobs, quota and audit: each step all-or-nothing
+    (the quota refusal comes first, before anything is written)."""
+
+    def __init__(self, jobs: FakeJobs, quota: FakeQuota, audit: FakeAudit) -> None:
+        self.jobs, self.quota, self.audit = jobs, quota, audit
+
+    def admit(
+        self,
+        *,
+        request_id: str,
+        authorization: Authorization,
+        images: int,
+        audit: Sequence[AuditRecord],
+    ) -> None:
+        self.quota.reserve(request_id=request_id, authorization=authorization, images=images)
+        self.jobs.mark(request_id, "running")
+        self.audit.append_many(audit)
+
+    def complete(
+        self,
+        *,
+        request_id: str,
+        authorization: Authorization,
+        images: int,
+        audit: Sequence[AuditRecord],
+        result_of: Callable[[QuotaLeft], Mapping[str, Any]],
+    ) -> None:
+        self.quota.commit(request_id, images)
+        result = result_of(self.quota.remaining(authorization))
+        self.jobs.finish(request_id, "succeeded", reason=None, result=result)
+        self.audit.append_many(audit)
+
+    def conclude(
+        self,
+        *,
+        request_id: str,
+        status: str,
+        reason: str,
+        result: Mapping[str, Any],
+        release: bool,
+        audit: Sequence[AuditRecord],
+    ) -> None:
+        if release:
+            self.quota.release(request_id, reason)
+        self.jobs.finish(request_id, status, reason=reason, result=result)
+        self.audit.append_many(audit)
+
+
+def fake_ledger(*, daily: int = 1000) -> FakeLedger:
+    return FakeLedger(FakeJobs(), FakeQuota(daily=daily), FakeAudit())

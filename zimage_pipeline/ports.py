@@ -8,7 +8,7 @@ thread for the engine, a small pool for the rest), so no adapter can block the l
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -42,14 +42,6 @@ class Jobs(Protocol):
         on_behalf_of: str,
         worker_id: str,
     ) -> JobBegin: ...
-
-    def mark(
-        self, request_id: str, status: str, *, roles_snapshot: Mapping[str, Any] | None = None
-    ) -> None: ...
-
-    def finish(
-        self, request_id: str, status: str, *, reason: str | None, result: Mapping[str, Any]
-    ) -> None: ...
 
     def cancel(self, request_id: str, *, principal: str) -> bool:
         """Cancel a request not yet started; True if it is (now) cancelled."""
@@ -91,16 +83,6 @@ class Authorizer(Protocol):
 class QuotaLeft:
     day: int | None
     month: int | None
-
-
-class Quota(Protocol):
-    def reserve(self, *, request_id: str, authorization: Authorization, images: int) -> None: ...
-
-    def commit(self, request_id: str, images: int) -> None: ...
-
-    def release(self, request_id: str, reason: str) -> None: ...
-
-    def remaining(self, authorization: Authorization) -> QuotaLeft: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,4 +188,50 @@ class Audit(Protocol):
 
     def append_many(self, records: Sequence[AuditRecord]) -> None:
         """Append in order, in one transaction: one commit instead of one per event."""
+        ...
+
+
+class Ledger(Protocol):
+    """The request's ledger writes, each step one transaction (job state, quota and its
+    audit events commit together or not at all). One commit per step instead of one
+    per row: the control plane's cost is mostly round trips and commits
+    (bench/NOTES.md), and a crash between two of them needed recovery logic."""
+
+    def admit(
+        self,
+        *,
+        request_id: str,
+        authorization: Authorization,
+        images: int,
+        audit: Sequence[AuditRecord],
+    ) -> None:
+        """Reserve `images` against the quotas, mark the job running with the roles
+        snapshot, append `audit`. A quota refusal raises and writes nothing."""
+        ...
+
+    def complete(
+        self,
+        *,
+        request_id: str,
+        authorization: Authorization,
+        images: int,
+        audit: Sequence[AuditRecord],
+        result_of: Callable[[QuotaLeft], Mapping[str, Any]],
+    ) -> None:
+        """Charge `images`, end the job `succeeded` with `result_of(quota left after the
+        charge)` as its stored result, append `audit`."""
+        ...
+
+    def conclude(
+        self,
+        *,
+        request_id: str,
+        status: str,
+        reason: str,
+        result: Mapping[str, Any],
+        release: bool,
+        audit: Sequence[AuditRecord],
+    ) -> None:
+        """End the job unsuccessfully: give back its reservation (`release`), store the
+        terminal `result`, append `audit`."""
         ...

@@ -48,7 +48,8 @@ from zimage_pipeline.ports import (
     Encoder,
     Engine,
     Jobs,
-    Quota,
+    Ledger,
+    QuotaLeft,
     Store,
 )
 from zimage_pipeline.results import (
@@ -78,7 +79,7 @@ class Outcome:
 class Ports:
     jobs: Jobs
     authorizer: Authorizer
-    quota: Quota
+    ledger: Ledger
     engine: Engine
     encoder: Encoder
     store: Store
@@ -290,7 +291,6 @@ class RequestService:
             status = Status.REJECTED if error.disposition is Disposition.REJECT else Status.FAILED
             status = STATUS_BY_REASON.get(error.reason, status)
         if job.reserved:
-            await self._io(self._p.quota.release, job.request.request_id, error.reason)
             self._audit(job, "quota_released", {"reason": error.reason})
         result = rejected(job.request.request_id, error, status=status).model_copy(
             update={
@@ -305,14 +305,16 @@ class RequestService:
             event,
             {"user": job.request.on_behalf_of, "reason": error.reason, "message": str(error)},
         )
-        await self._flush(job)
         await self._io(
-            self._p.jobs.finish,
-            job.request.request_id,
-            status.value,
+            self._p.ledger.conclude,
+            request_id=job.request.request_id,
+            status=status.value,
             reason=error.reason,
             result=result.model_dump(mode="json", by_alias=True),
+            release=job.reserved,
+            audit=list(job.pending_audit),
         )
+        job.pending_audit = []
         return result
 
     def _check_not_expired(self, job: _Job) -> None:
@@ -333,9 +335,6 @@ class RequestService:
             ),
         )
         check_limits(request, auth)
-        await self._io(
-            self._p.jobs.mark, request.request_id, "authorized", roles_snapshot=auth.roles_snapshot
-        )
         self._audit(
             job,
             "authorized",
@@ -346,23 +345,26 @@ class RequestService:
                 "roles": dict(auth.roles_snapshot),
             },
         )
-
+        self._check_not_expired(job)
+        reserved = AuditRecord(
+            request.request_id, "quota_reserved", job.principal, {"images": request.num_images}
+        )
+        # One transaction: reserved, running and its audit trail so far, or nothing (a
+        # quota refusal leaves the pending events for the denial to record).
         await self._timed(
             job,
             "reserve",
             self._io(
-                self._p.quota.reserve,
+                self._p.ledger.admit,
                 request_id=request.request_id,
                 authorization=auth,
                 images=request.num_images,
+                audit=[*job.pending_audit, reserved],
             ),
         )
         job.reserved = True
-        self._audit(job, "quota_reserved", {"images": request.num_images})
-        await self._flush(job)  # the admission is on record before the GPU work
+        job.pending_audit = []
 
-        self._check_not_expired(job)
-        await self._io(self._p.jobs.mark, request.request_id, "running")
         specs = image_specs(request, effective_seed(request, job.payload_sha256))
         raw_images = await self._timed(job, "generate", self._gpu(self._p.engine.generate, specs))
         model = self._p.engine.identity
@@ -405,30 +407,36 @@ class RequestService:
             ),
         )
         self._audit(job, "stored", stored_payload(outputs))
-        await self._timed(
-            job, "commit", self._io(self._p.quota.commit, request.request_id, len(encoded))
-        )
         self._audit(job, "quota_committed", {"images": len(encoded)})
-        await self._flush(job)
-        left = await self._io(self._p.quota.remaining, auth)
+        completing = time.perf_counter()
+        published: list[GenerationResult] = []
 
-        result = succeeded_result(
-            request,
-            outputs=outputs,
-            encoded=encoded,
-            model=model,
-            left=left,
-            timings=job.timings,
-            finished_at=self._clock(),
-        )
+        def result_of(left: QuotaLeft) -> dict[str, Any]:
+            # Called inside the ledger transaction, after the charge: the stored result
+            # (republished verbatim on a redelivery) carries the quota left after it.
+            job.timings["commit"] = round(time.perf_counter() - completing, 6)
+            result = succeeded_result(
+                request,
+                outputs=outputs,
+                encoded=encoded,
+                model=model,
+                left=left,
+                timings=job.timings,
+                finished_at=self._clock(),
+            )
+            published[:] = [result]
+            return result.model_dump(mode="json", by_alias=True)
+
         await self._io(
-            self._p.jobs.finish,
-            request.request_id,
-            Status.SUCCEEDED.value,
-            reason=None,
-            result=result.model_dump(mode="json", by_alias=True),
+            self._p.ledger.complete,
+            request_id=request.request_id,
+            authorization=auth,
+            images=len(encoded),
+            audit=list(job.pending_audit),
+            result_of=result_of,
         )
-        return result
+        job.pending_audit = []
+        return published[-1]
 
     async def cancel(self, request_id: str, *, principal: str) -> bool:
         return await self._io(self._p.jobs.cancel, request_id, principal=principal)

@@ -13,13 +13,11 @@ import pytest
 
 from tests.fakes import (
     GENEROUS,
-    FakeAudit,
     FakeAuthorizer,
     FakeEncoder,
     FakeEngine,
-    FakeJobs,
-    FakeQuota,
     FakeStore,
+    fake_ledger,
 )
 from tests.integration.worker_harness import (
     client,
@@ -35,17 +33,18 @@ pytestmark = pytest.mark.integration
 
 
 def make_ports(**overrides: Any) -> Ports:
+    ledger = fake_ledger()
     ports = Ports(
-        jobs=FakeJobs(),
+        jobs=ledger.jobs,
         authorizer=FakeAuthorizer(
             users={"alice": GENEROUS, "bob": GENEROUS, "carol": GENEROUS},
             delegators={"cms-publisher"},
         ),
-        quota=FakeQuota(),
+        ledger=ledger,
         engine=FakeEngine(),
         encoder=FakeEncoder(),
         store=FakeStore(),
-        audit=FakeAudit(),
+        audit=ledger.audit,
     )
     for name, value in overrides.items():
         setattr(ports, name, value)
@@ -82,7 +81,7 @@ async def test_request_in_result_out(settings: Settings) -> None:
     assert {"authorize", "reserve", "generate", "encode", "store", "commit"} <= set(
         result["timings_s"]
     )
-    assert ports.quota.committed == {"r-1": ("alice", 2)}  # type: ignore[attr-defined]
+    assert ports.ledger.quota.committed == {"r-1": ("alice", 2)}  # type: ignore[attr-defined]
 
 
 async def test_duplicate_is_answered_again_without_generating_twice(settings: Settings) -> None:
@@ -163,7 +162,7 @@ async def test_undelegated_on_behalf_of_is_rejected(settings: Settings) -> None:
         allowed = await cms.result_of("deleg-2")
     assert refused["status"] == "rejected" and refused["reason"] == "DELEGATION_NOT_ALLOWED"
     assert allowed["status"] == "succeeded" and allowed["on_behalf_of"] == "alice"
-    assert "deleg-1" not in ports.quota.committed  # type: ignore[attr-defined]
+    assert "deleg-1" not in ports.ledger.quota.committed  # type: ignore[attr-defined]
 
 
 async def test_transient_failure_is_retried_with_delay_then_succeeds(settings: Settings) -> None:
@@ -183,8 +182,8 @@ async def test_retry_budget_spent_fails_and_releases(settings: Settings) -> None
             await alice.publish(request("store-down-1"))
             result = await alice.next_result(wait_s=30)
         assert result["status"] == "failed"
-        assert "store-down-1" in ports.quota.released  # type: ignore[attr-defined]
-        assert "store-down-1" not in ports.quota.committed  # type: ignore[attr-defined]
+        assert "store-down-1" in ports.ledger.quota.released  # type: ignore[attr-defined]
+        assert "store-down-1" not in ports.ledger.quota.committed  # type: ignore[attr-defined]
     finally:
         await delete_private_topology(s)
 
@@ -246,7 +245,7 @@ async def test_cancel_before_start_ends_cancelled_with_nothing_charged(settings:
         result = await alice.next_result()
     assert result["status"] == "cancelled"
     assert not ports.engine.calls  # type: ignore[attr-defined]
-    assert "cx-1" not in ports.quota.committed  # type: ignore[attr-defined]
+    assert "cx-1" not in ports.ledger.quota.committed  # type: ignore[attr-defined]
 
 
 async def test_shutdown_finishes_in_flight_and_requeues_the_rest(settings: Settings) -> None:

@@ -11,13 +11,11 @@ import pytest
 
 from tests.fakes import (
     GENEROUS,
-    FakeAudit,
     FakeAuthorizer,
     FakeEncoder,
     FakeEngine,
-    FakeJobs,
-    FakeQuota,
     FakeStore,
+    fake_ledger,
 )
 from zimage_pipeline.decoding import decode_request
 from zimage_pipeline.errors import DependencyUnavailable, Disposition
@@ -35,14 +33,15 @@ POOL = ThreadPoolExecutor(max_workers=2)
 
 
 def make(**overrides: Any) -> tuple[RequestService, Ports]:
+    ledger = fake_ledger(daily=3)
     ports = Ports(
-        jobs=FakeJobs(),
+        jobs=ledger.jobs,
         authorizer=FakeAuthorizer(users={"alice": GENEROUS}, delegators={"cms"}),
-        quota=FakeQuota(daily=3),
+        ledger=ledger,
         engine=FakeEngine(),
         encoder=FakeEncoder(),
         store=FakeStore(),
-        audit=FakeAudit(),
+        audit=ledger.audit,
     )
     for name, value in overrides.items():
         setattr(ports, name, value)
@@ -71,7 +70,7 @@ async def test_success_charges_once_and_records_every_step() -> None:
     assert result.status is Status.SUCCEEDED
     assert [i.seed for i in result.images] == [100, 101]
     assert result.quota_remaining is not None and result.quota_remaining.day == 1
-    assert ports.quota.committed == {"r1": ("alice", 2)}  # type: ignore[attr-defined]
+    assert ports.ledger.quota.committed == {"r1": ("alice", 2)}  # type: ignore[attr-defined]
     events = [e for _, e in ports.audit.events]  # type: ignore[attr-defined]
     assert events == [
         "received",
@@ -104,7 +103,7 @@ async def test_quota_exceeded_is_rejected_and_nothing_is_charged() -> None:
     service, ports = make()
     result = (await service.handle(body(num_images=4), principal="alice")).result
     assert (result.status, result.reason) == (Status.REJECTED, "QUOTA_EXCEEDED")
-    assert not ports.quota.committed and not ports.engine.calls  # type: ignore[attr-defined]
+    assert not ports.ledger.quota.committed and not ports.engine.calls  # type: ignore[attr-defined]
 
 
 async def test_policy_limits_name_what_was_exceeded() -> None:
@@ -145,7 +144,7 @@ async def test_expired_request_ends_expired_without_charge() -> None:
     past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
     result = (await service.handle(body(expires_at=past), principal="alice")).result
     assert result.status is Status.EXPIRED
-    assert not ports.quota.reserved and not ports.quota.committed  # type: ignore[attr-defined]
+    assert not ports.ledger.quota.reserved and not ports.ledger.quota.committed  # type: ignore[attr-defined]
 
 
 async def test_transient_failure_propagates_for_retry_and_keeps_no_charge() -> None:
@@ -153,10 +152,10 @@ async def test_transient_failure_propagates_for_retry_and_keeps_no_charge() -> N
     with pytest.raises(DependencyUnavailable) as excinfo:
         await service.handle(body(), principal="alice")
     assert excinfo.value.disposition is Disposition.RETRY
-    assert not ports.quota.committed  # type: ignore[attr-defined]
+    assert not ports.ledger.quota.committed  # type: ignore[attr-defined]
     result = (await service.handle(body(), principal="alice")).result  # the retry
     assert result.status is Status.SUCCEEDED
-    assert ports.quota.committed == {"r1": ("alice", 1)}  # type: ignore[attr-defined]
+    assert ports.ledger.quota.committed == {"r1": ("alice", 1)}  # type: ignore[attr-defined]
 
 
 async def test_missing_publisher_identity_is_rejected() -> None:

@@ -9,7 +9,10 @@ One global chain, serialised by the single `audit_chain_head` row: an append's f
 statement is `UPDATE audit_chain_head SET seq = seq + 1 ... RETURNING`, which takes the
 row lock on PostgreSQL and SQLite's write lock, so concurrent workers queue there and
 each sees the committed head of the one before. The lock is held until the caller's
-transaction ends: keep what follows an append in the same transaction short.
+transaction ends: an append takes it last (after the index rows) and holds it for two
+statements; callers put the append at the end of their transactions. Event times are
+taken before the lock, so two concurrent appends may be a few milliseconds out of time
+order in the chain; the chain order (seq) is the record.
 
 Prompts: the payload keeps only `prompt_sha256` (and `negative_prompt_sha256`); the text
 itself goes to `prompt_text`, outside the hash, so the retention policy can drop it
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -67,6 +70,25 @@ class AuditEvent:
     prev_hash: str
     event_hash: str
     prompts: dict[str, str] | None = None  # retained prompt texts, outside the hash
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append: the chain assigns its seq, time and hashes."""
+
+    request_id: str
+    event_type: str
+    actor: str
+    payload: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Indexed:
+    request_id: str
+    at: datetime
+    event_type: str
+    payload: dict[str, Any]
+    prompts: dict[str, str] | None
 
 
 def _json_default(value: Any) -> Any:
@@ -158,65 +180,110 @@ class AuditLog:
         `principal`, `groups` (list), `model`, `labels` ({key: value}), `reason`,
         `prompt`, `negative_prompt`. Anything else JSON-serialisable is kept as is.
         """
-        if event_type not in EVENT_TYPES:
-            raise AuditError(f"unknown audit event type {event_type!r}")
+        record = NewEvent(request_id, event_type, actor, payload)
+        return self.append_many([record], at=at, connection=connection)[0]
+
+    def append_many(
+        self,
+        records: Sequence[NewEvent],
+        *,
+        at: datetime | None = None,
+        connection: Connection | None = None,
+    ) -> list[AuditEvent]:
+        """Append several events in order, holding the chain lock once.
+
+        Three statements for the chain whatever the count (advance the head by n, insert
+        the n rows, store the last hash) plus the index's: every statement under the
+        lock is a round trip that every other worker waits for (bench/NOTES.md)."""
+        if not records:
+            return []
+        for record in records:
+            if record.event_type not in EVENT_TYPES:
+                raise AuditError(f"unknown audit event type {record.event_type!r}")
+        prepared = [self._prepare(r) for r in records]  # hashing payloads: before the lock
         if connection is not None:
-            return self._append(connection, request_id, event_type, actor, payload, at)
+            return self._append_prepared(connection, records, prepared, at)
         try:
             with self.engine.begin() as own:
-                return self._append(own, request_id, event_type, actor, payload, at)
+                return self._append_prepared(own, records, prepared, at)
         except OperationalError as exc:
             raise DependencyUnavailable(f"audit append: ledger unavailable: {exc.orig}") from exc
 
-    def _append(
-        self,
-        conn: Connection,
-        request_id: str,
-        event_type: str,
-        actor: str,
-        payload: Mapping[str, Any],
-        at: datetime | None,
-    ) -> AuditEvent:
-        hashed_payload, prompts = split_prompts(payload)
+    def _prepare(self, record: NewEvent) -> tuple[dict[str, Any], str, dict[str, str] | None]:
+        hashed_payload, prompts = split_prompts(record.payload)
         try:
             payload_text = canonical(hashed_payload)
         except (TypeError, ValueError) as exc:
-            raise AuditError(f"audit payload for {request_id}: {exc}") from exc
+            raise AuditError(f"audit payload for {record.request_id}: {exc}") from exc
+        kept = prompts if prompts and self.prompt_retention != PromptRetention.HASH else None
+        return hashed_payload, payload_text, kept
+
+    def _append_prepared(
+        self,
+        conn: Connection,
+        records: Sequence[NewEvent],
+        prepared: Sequence[tuple[dict[str, Any], str, dict[str, str] | None]],
+        at: datetime | None,
+    ) -> list[AuditEvent]:
+        when = as_utc(at) if at is not None else datetime.now(UTC)
+        update_request_index(
+            conn,
+            [
+                _Indexed(r.request_id, when, r.event_type, hashed_payload, kept)
+                for r, (hashed_payload, _, kept) in zip(records, prepared, strict=True)
+            ],
+        )
         # The lock: the first write of the append takes the head row (see module doc).
-        seq, prev_hash = conn.execute(
+        # Held from here to the caller's commit: two statements, nothing else.
+        last_seq, prev_hash = conn.execute(
             update(AuditChainHead)
             .where(AuditChainHead.id == 1)
-            .values(seq=AuditChainHead.seq + 1)
+            .values(seq=AuditChainHead.seq + len(records))
             .returning(AuditChainHead.seq, AuditChainHead.event_hash)
         ).one()
-        # Taken after the lock, so times follow the chain order on each host.
-        when = as_utc(at) if at is not None else datetime.now(UTC)
-        digest = event_hash(
-            seq=seq,
-            at=when,
-            request_id=request_id,
-            event_type=event_type,
-            actor=actor,
-            payload_text=payload_text,
-            prev_hash=prev_hash,
-        )
-        kept = prompts if prompts and self.prompt_retention != PromptRetention.HASH else None
-        conn.execute(
-            insert(AuditEventRow).values(
+        events: list[AuditEvent] = []
+        rows: list[dict[str, Any]] = []
+        seq = last_seq - len(records)
+        for record, (hashed_payload, payload_text, kept) in zip(records, prepared, strict=True):
+            seq += 1
+            digest = event_hash(
                 seq=seq,
                 at=when,
-                request_id=request_id,
-                event_type=event_type,
-                actor=actor,
-                payload=payload_text,
-                prompt_text=canonical(kept) if kept else None,
+                request_id=record.request_id,
+                event_type=record.event_type,
+                actor=record.actor,
+                payload_text=payload_text,
                 prev_hash=prev_hash,
-                event_hash=digest,
             )
+            rows.append(
+                {
+                    "seq": seq,
+                    "at": when,
+                    "request_id": record.request_id,
+                    "event_type": record.event_type,
+                    "actor": record.actor,
+                    "payload": payload_text,
+                    "prompt_text": canonical(kept) if kept else None,
+                    "prev_hash": prev_hash,
+                    "event_hash": digest,
+                }
+            )
+            events.append(
+                AuditEvent(
+                    seq,
+                    when,
+                    record.request_id,
+                    record.event_type,
+                    record.actor,
+                    hashed_payload,
+                    prev_hash,
+                    digest,
+                    kept,
+                )
+            )
+            prev_hash = digest
+        conn.execute(insert(AuditEventRow), rows)
+        conn.execute(
+            update(AuditChainHead).where(AuditChainHead.id == 1).values(event_hash=prev_hash)
         )
-        conn.execute(update(AuditChainHead).where(AuditChainHead.id == 1).values(event_hash=digest))
-        event = AuditEvent(
-            seq, when, request_id, event_type, actor, hashed_payload, prev_hash, digest, kept
-        )
-        update_request_index(conn, event)
-        return event
+        return events

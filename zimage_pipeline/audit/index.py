@@ -1,20 +1,37 @@
 """The per-request query index, kept in step with the events inside the append.
 
-It is derived data: every column can be recomputed from the events, and the append holds
-the chain lock while it writes here, so read-then-write needs no further locking.
+It is derived data: every column can be recomputed from the events. The rows read are
+locked (FOR UPDATE) so two appends for one request cannot lose an update, and the index
+is written before the append takes the chain lock, so it adds nothing to the time every
+other worker waits for that lock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, insert, select, update
 
 from zimage_pipeline.ledger.models import AuditRequest, AuditRequestGroup, AuditRequestLabel
 
-if TYPE_CHECKING:
-    from zimage_pipeline.audit.chain import AuditEvent
+
+class IndexedEvent(Protocol):
+    """What the index reads of an event: not its place in the chain, so the index can be
+    written before the append takes the chain lock."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def at(self) -> datetime: ...
+    @property
+    def event_type(self) -> str: ...
+    @property
+    def payload(self) -> dict[str, Any]: ...
+    @property
+    def prompts(self) -> dict[str, str] | None: ...
+
 
 # Which events move a request's status; quota movements do not.
 STATUS_OF = {
@@ -51,71 +68,98 @@ def _next_status(current: str | None, event_type: str) -> str | None:
     return new
 
 
-def update_request_index(conn: Connection, event: AuditEvent) -> None:
-    payload = event.payload
-    subject = payload.get("user") or payload.get("on_behalf_of")
-    principal = payload.get("principal")
-    model = model_name(payload.get("model"))
-    reason = payload.get("reason")
-    prompt_sha = payload.get("prompt_sha256")
-    prompt_text = (event.prompts or {}).get("prompt")
-    row = conn.execute(
-        select(AuditRequest.status, AuditRequest.events).where(
-            AuditRequest.request_id == event.request_id
+def update_request_index(conn: Connection, events: Sequence[IndexedEvent]) -> None:
+    """Fold `events` (in chain order) into their requests' index rows: one read of the
+    rows they touch, then one write per request (plus new groups and labels)."""
+    by_request: dict[str, list[IndexedEvent]] = {}
+    for event in events:
+        by_request.setdefault(event.request_id, []).append(event)
+    existing = {
+        row.request_id: row
+        for row in conn.execute(
+            select(AuditRequest.request_id, AuditRequest.status, AuditRequest.events)
+            .where(AuditRequest.request_id.in_(list(by_request)))
+            .with_for_update()
         )
-    ).one_or_none()
-    if row is None:
-        conn.execute(
-            insert(AuditRequest).values(
-                request_id=event.request_id,
-                subject=_text(subject, 512),
-                principal=_text(principal, 512),
-                model=_text(model, 256),
-                status=_next_status(None, event.event_type) or event.event_type[:16],
-                reason=_text(reason, 64),
-                first_at=event.at,
-                last_at=event.at,
-                events=1,
-                prompt_sha256=prompt_sha,
-                prompt_text=prompt_text,
+    }
+    new_rows: list[dict[str, Any]] = []
+    for request_id, request_events in by_request.items():
+        row = existing.get(request_id)
+        values = _folded(row.status if row else None, request_events)
+        if row is None:
+            new_rows.append(
+                {
+                    "request_id": request_id,
+                    "first_at": request_events[0].at,
+                    "events": len(request_events),
+                    "subject": None,
+                    "principal": None,
+                    "model": None,
+                    "reason": None,
+                    "prompt_sha256": None,
+                    "prompt_text": None,
+                    **values,
+                }
             )
-        )
-    else:
-        values: dict[str, Any] = {
-            "last_at": event.at,
-            "events": row.events + 1,
-            "status": _next_status(row.status, event.event_type) or row.status,
-        }
+        else:
+            values["events"] = row.events + len(request_events)
+            conn.execute(
+                update(AuditRequest).where(AuditRequest.request_id == request_id).values(values)
+            )
+    if new_rows:
+        conn.execute(insert(AuditRequest), new_rows)
+    for request_id, request_events in by_request.items():
+        # A request first indexed now has no groups or labels yet: nothing to read.
+        known = request_id in existing
+        groups = [g for e in request_events for g in e.payload.get("groups") or ()]
+        _add_groups(conn, request_id, groups, known=known)
+        labels: dict[Any, Any] = {}
+        for e in request_events:
+            if isinstance(e.payload.get("labels"), Mapping):
+                labels.update(e.payload["labels"])
+        _add_labels(conn, request_id, labels, known=known)
+
+
+def _folded(status: str | None, events: Sequence[IndexedEvent]) -> dict[str, Any]:
+    """The index columns after `events`: the latest non-null value of each wins."""
+    values: dict[str, Any] = {}
+    for event in events:
+        payload = event.payload
+        status = _next_status(status, event.event_type) or status or event.event_type[:16]
         for column, value, size in (
-            ("subject", subject, 512),
-            ("principal", principal, 512),
-            ("model", model, 256),
-            ("reason", reason, 64),
+            ("subject", payload.get("user") or payload.get("on_behalf_of"), 512),
+            ("principal", payload.get("principal"), 512),
+            ("model", model_name(payload.get("model")), 256),
+            ("reason", payload.get("reason"), 64),
         ):
             if value is not None:
                 values[column] = _text(value, size)
-        if prompt_sha is not None:
-            values["prompt_sha256"] = prompt_sha
-            values["prompt_text"] = prompt_text
-        conn.execute(
-            update(AuditRequest).where(AuditRequest.request_id == event.request_id).values(values)
-        )
-    _add_groups(conn, event.request_id, payload.get("groups"))
-    _add_labels(conn, event.request_id, payload.get("labels"))
+        if payload.get("prompt_sha256") is not None:
+            values["prompt_sha256"] = payload["prompt_sha256"]
+            values["prompt_text"] = (event.prompts or {}).get("prompt")
+    values["status"] = status
+    values["last_at"] = events[-1].at
+    return values
 
 
 def _text(value: Any, size: int) -> str | None:
     return None if value is None else str(value)[:size]
 
 
-def _add_groups(conn: Connection, request_id: str, groups: Any) -> None:
+def _add_groups(conn: Connection, request_id: str, groups: Any, *, known: bool) -> None:
     if not groups:
         return
     wanted = {str(g)[:512] for g in groups}
-    have = set(
-        conn.scalars(
-            select(AuditRequestGroup.group_name).where(AuditRequestGroup.request_id == request_id)
+    have = (
+        set(
+            conn.scalars(
+                select(AuditRequestGroup.group_name).where(
+                    AuditRequestGroup.request_id == request_id
+                )
+            )
         )
+        if known
+        else set()
     )
     new = sorted(wanted - have)
     if new:
@@ -124,18 +168,22 @@ def _add_groups(conn: Connection, request_id: str, groups: Any) -> None:
         )
 
 
-def _add_labels(conn: Connection, request_id: str, labels: Any) -> None:
+def _add_labels(conn: Connection, request_id: str, labels: Any, *, known: bool) -> None:
     if not labels or not isinstance(labels, Mapping):
         return
     wanted = {(str(k)[:64], str(v)[:256]) for k, v in labels.items()}
-    have = {
-        (r.key, r.value)
-        for r in conn.execute(
-            select(AuditRequestLabel.key, AuditRequestLabel.value).where(
-                AuditRequestLabel.request_id == request_id
+    have = (
+        {
+            (r.key, r.value)
+            for r in conn.execute(
+                select(AuditRequestLabel.key, AuditRequestLabel.value).where(
+                    AuditRequestLabel.request_id == request_id
+                )
             )
-        )
-    }
+        }
+        if known
+        else set()
+    )
     new = sorted(wanted - have)
     if new:
         conn.execute(

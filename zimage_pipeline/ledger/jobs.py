@@ -15,13 +15,13 @@ can never both move one job.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, insert, select, update
+from sqlalchemy import Connection, Engine, Row, Table, insert, select, update
 
 from zimage_pipeline.errors import Disposition, ZImageError
 from zimage_pipeline.ledger.models import Job, JobStatus
@@ -184,14 +184,30 @@ class JobStore:
         *,
         reason: str | None = None,
         roles_snapshot: Mapping[str, Any] | None = None,
+        connection: Connection | None = None,
     ) -> JobRecord:
+        """Move an unfinished job on. `connection`: join the caller's write transaction
+        (the caller commits); without, it runs in its own."""
         target = JobStatus(status)
         if target in TERMINAL:
             raise IllegalTransitionError(f"{target.value} is terminal: use finish()")
         values: dict[str, Any] = {"reason": reason}
         if roles_snapshot is not None:
             values["roles_snapshot"] = dict(roles_snapshot)
-        return self._move(request_id, target, values)
+        return self._move(request_id, target, values, connection)
+
+    def start(
+        self,
+        request_id: str,
+        *,
+        roles_snapshot: Mapping[str, Any],
+        connection: Connection | None = None,
+    ) -> JobRecord:
+        """Authorized and running in one step, for an admission that reserves the quota
+        in the same transaction (no one can observe the job in between)."""
+        values = {"reason": None, "roles_snapshot": dict(roles_snapshot)}
+        sources = (JobStatus.RECEIVED, JobStatus.AUTHORIZED, JobStatus.RUNNING)
+        return self._move(request_id, JobStatus.RUNNING, values, connection, sources=sources)
 
     def finish(
         self,
@@ -200,12 +216,14 @@ class JobStore:
         *,
         reason: str | None,
         result: Mapping[str, Any],
+        connection: Connection | None = None,
     ) -> JobRecord:
+        """End the job with its terminal `result`. `connection`: as for mark()."""
         target = JobStatus(status)
         if target not in TERMINAL:
             raise IllegalTransitionError(f"{target.value} is not terminal: use mark()")
         values = {"reason": reason, "result": dict(result), "finished_at": utcnow()}
-        return self._move(request_id, target, values)
+        return self._move(request_id, target, values, connection)
 
     def cancel(
         self,
@@ -234,33 +252,48 @@ class JobStore:
     def get(self, request_id: str) -> JobRecord | None:
         return run_read(self._engine, lambda c: _load(c, request_id))
 
-    def _move(self, request_id: str, target: JobStatus, values: dict[str, Any]) -> JobRecord:
-        sources = [s.value for s, targets in ALLOWED.items() if target in targets]
+    def _move(
+        self,
+        request_id: str,
+        target: JobStatus,
+        values: dict[str, Any],
+        connection: Connection | None,
+        *,
+        sources: Sequence[JobStatus] | None = None,
+    ) -> JobRecord:
+        if sources is None:
+            sources = [s for s, targets in ALLOWED.items() if target in targets]
+        source_values = [s.value for s in sources]
 
         def work(connection: Connection) -> JobRecord:
             moved = connection.execute(
                 update(JOBS)
-                .where(JOBS.c.request_id == request_id, JOBS.c.status.in_(sources))
+                .where(JOBS.c.request_id == request_id, JOBS.c.status.in_(source_values))
                 .values(status=target.value, updated_at=utcnow(), **values)
-            )
+                .returning(*JOBS.c)  # one round trip: this runs on every request
+            ).first()
+            if moved is not None:
+                return _record(moved)
             job = _load(connection, request_id)
             if job is None:
                 raise JobNotFoundError(f"no job for request {request_id!r}")
-            if moved.rowcount == 1:
-                return job
             if job.status is target:
                 return job  # repeated (redelivered) step: already there
             raise IllegalTransitionError(
                 f"job {request_id!r} cannot go from {job.status.value} to {target.value}"
             )
 
+        if connection is not None:
+            return work(connection)
         return run_write(self._engine, work)
 
 
 def _load(connection: Connection, request_id: str) -> JobRecord | None:
     row = connection.execute(select(JOBS).where(JOBS.c.request_id == request_id)).first()
-    if row is None:
-        return None
+    return None if row is None else _record(row)
+
+
+def _record(row: Row[Any]) -> JobRecord:
     return JobRecord(
         request_id=row.request_id,
         payload_sha256=row.payload_sha256,

@@ -59,10 +59,15 @@ class QuotaLedger:
         user_limits: QuotaLimits,
         lease_s: float,
         now: datetime | None = None,
+        connection: Connection | None = None,
     ) -> Reservation:
         """Hold `images` against the user's and every team's limits, or raise
         QuotaExceededError naming the first budget that is short. Idempotent per
-        request_id: a second call returns the existing reservation, whatever its state."""
+        request_id: a second call returns the existing reservation, whatever its state.
+
+        With `connection`, it joins the caller's write transaction and does not settle
+        lapsed holds itself: on QuotaExceededError the caller may `expire_leases()` and
+        try its transaction again."""
         if images < 1 or lease_s <= 0:
             raise InvalidQuotaOperationError("reserve needs images >= 1 and lease_s > 0")
         at = as_utc(now or utcnow())
@@ -73,6 +78,8 @@ class QuotaLedger:
         def work(connection: Connection) -> Reservation:
             return reserve_rows(connection, request_id, planned, images, at, lease_s)
 
+        if connection is not None:
+            return work(connection)
         try:
             return run_write(self._engine, work, deadline_s=self._deadline_s)
         except QuotaExceededError:
@@ -182,10 +189,18 @@ class QuotaLedger:
         teams: Sequence[TeamBudget],
         user_limits: QuotaLimits,
         now: datetime | None = None,
+        connection: Connection | None = None,
     ) -> Remaining:
-        """The images a next request could still reserve: the tightest of all budgets."""
-        statuses = [self.usage(user_subject(user), limits=user_limits, now=now)]
-        statuses += [self.usage(team_subject(t.group), limits=t.limits, now=now) for t in teams]
+        """The images a next request could still reserve: the tightest of all budgets.
+        `connection`: read inside the caller's transaction (what it has just written)."""
+        at = now or utcnow()
+        budgets = [(user_subject(user), user_limits)]
+        budgets += [(team_subject(t.group), t.limits) for t in teams]
+
+        def read(c: Connection) -> list[QuotaStatus]:
+            return [quota_admin.usage(c, subject, limits, at) for subject, limits in budgets]
+
+        statuses = read(connection) if connection is not None else run_read(self._engine, read)
 
         def tightest(window: Window) -> int | None:
             values = [s.window(window).remaining for s in statuses]

@@ -36,22 +36,11 @@ class AuditAdapter:
 
     def append_many(self, records: Sequence[AuditRecord]) -> None:
         """One transaction (one chain-lock hold, one commit) for several events."""
-        from sqlalchemy.exc import OperationalError
+        from zimage_pipeline.audit.chain import NewEvent
 
-        from zimage_pipeline.errors import DependencyUnavailable
-
-        try:
-            with self._log.engine.begin() as connection:
-                for r in records:
-                    self._log.append(
-                        request_id=r.request_id,
-                        event_type=r.event_type,
-                        actor=r.actor,
-                        payload=r.payload,
-                        connection=connection,
-                    )
-        except OperationalError as exc:
-            raise DependencyUnavailable(f"audit append: ledger unavailable: {exc.orig}") from exc
+        self._log.append_many(
+            [NewEvent(r.request_id, r.event_type, r.actor, r.payload) for r in records]
+        )
 
 
 def build(settings: Settings, *, warmup: bool = True) -> Wiring:
@@ -65,8 +54,9 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
     from zimage_pipeline.policy import load_rules
     from zimage_pipeline.provenance import load_signing_config
     from zimage_pipeline.storage import ObjectStore
-    from zimage_pipeline.wiring.identity import DirectoryAuthorizer, LedgerQuota
+    from zimage_pipeline.wiring.identity import DirectoryAuthorizer
     from zimage_pipeline.wiring.jobs import LedgerJobs
+    from zimage_pipeline.wiring.ledger import LedgerUnits
     from zimage_pipeline.wiring.outputs import EngineAdapter, ProvenanceEncoder, S3Store
 
     load_rules(settings.policy)  # a broken policy file stops the worker now, by name
@@ -82,10 +72,17 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
         small = engine.device.type == "cpu"
         seconds = engine.warmup(width=256, height=256) if small else engine.warmup()
         log.info("engine warm in %.1fs", seconds)
+    job_store = JobStore(ledger)
     ports = Ports(
-        jobs=LedgerJobs(JobStore(ledger), busy_s=settings.worker.job_busy_s),
+        jobs=LedgerJobs(job_store, busy_s=settings.worker.job_busy_s),
         authorizer=DirectoryAuthorizer(directory, settings.policy),
-        quota=LedgerQuota(quota_ledger, lease_s=settings.policy.lease_s),
+        ledger=LedgerUnits(
+            ledger,
+            jobs=job_store,
+            quota=quota_ledger,
+            audit=audit_log,
+            lease_s=settings.policy.lease_s,
+        ),
         engine=EngineAdapter(engine),
         encoder=ProvenanceEncoder(
             creator_tool=settings.provenance.creator_tool,

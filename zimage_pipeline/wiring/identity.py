@@ -1,4 +1,4 @@
-"""Authorizer and Quota ports on the directory (ldap3), the policy and the quota ledger.
+"""Authorizer port on the directory (ldap3) and the policy.
 
 Delegation: a request published by one account (a CMS) on behalf of another (an editor)
 is allowed only if the publisher's roles include `delegate`. The editor's roles decide
@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from zimage_pipeline.directory import LdapDirectory
 from zimage_pipeline.errors import RequestRejectedError, ZImageError
-from zimage_pipeline.ledger.quota import QuotaLedger
 from zimage_pipeline.messages import ImageFormat, Priority
 from zimage_pipeline.policy import EffectivePolicy, resolve_policy
-from zimage_pipeline.ports import Authorization, Limits, QuotaLeft
+from zimage_pipeline.ports import Authorization, Limits
 from zimage_pipeline.settings import PolicySettings
 
 
@@ -70,38 +69,8 @@ class DirectoryAuthorizer:
         )
 
 
-def _policy_of(authorization: Authorization) -> EffectivePolicy:
+def policy_of(authorization: Authorization) -> EffectivePolicy:
     policy = authorization.quota_subjects
     if not isinstance(policy, EffectivePolicy):
         raise TypeError("authorization was not made by DirectoryAuthorizer")
     return policy
-
-
-class LedgerQuota:
-    def __init__(self, ledger: QuotaLedger, *, lease_s: float) -> None:
-        self._ledger = ledger
-        self._lease_s = lease_s
-
-    def reserve(self, *, request_id: str, authorization: Authorization, images: int) -> None:
-        policy = _policy_of(authorization)
-        self._ledger.reserve(
-            request_id=request_id,
-            user=authorization.subject,
-            teams=policy.teams,
-            images=images,
-            user_limits=policy.user_quota,
-            lease_s=self._lease_s,
-        )
-
-    def commit(self, request_id: str, images: int) -> None:
-        self._ledger.commit(request_id, images)
-
-    def release(self, request_id: str, reason: str) -> None:
-        self._ledger.release(request_id, reason)
-
-    def remaining(self, authorization: Authorization) -> QuotaLeft:
-        policy = _policy_of(authorization)
-        left = self._ledger.remaining(
-            user=authorization.subject, teams=policy.teams, user_limits=policy.user_quota
-        )
-        return QuotaLeft(day=left.day, month=left.month)

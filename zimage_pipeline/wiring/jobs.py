@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -64,16 +63,6 @@ class LedgerJobs:
         if begun.kind is ledger_jobs.BeginKind.TERMINAL:
             return JobBegin(BeginKind.TERMINAL, job.attempts, job.created_at, job.result)
         return JobBegin(BeginKind.NEW, job.attempts, job.created_at)
-
-    def mark(
-        self, request_id: str, status: str, *, roles_snapshot: Mapping[str, Any] | None = None
-    ) -> None:
-        self._store.mark(request_id, status, roles_snapshot=roles_snapshot)
-
-    def finish(
-        self, request_id: str, status: str, *, reason: str | None, result: Mapping[str, Any]
-    ) -> None:
-        self._store.finish(request_id, status, reason=reason, result=result)
 
     def cancel(self, request_id: str, *, principal: str) -> bool:
         """Cancel a request that has not started. A cancel may overtake its request (they

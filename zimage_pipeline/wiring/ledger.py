@@ -1,0 +1,131 @@
+"""Ledger port: each step of a request is one transaction over jobs, quota and audit.
+
+Statement order inside every transaction is the lock order: the quota rows (reservation,
+counters), then the job row, then the audit chain head last. The head is the one lock
+every worker shares, so it is taken at the end and held only for the audit statements
+and the commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+
+from zimage_pipeline.audit.chain import AuditLog, NewEvent
+from zimage_pipeline.ledger.jobs import JobStore
+from zimage_pipeline.ledger.models import JobStatus
+from zimage_pipeline.ledger.quota import QuotaLedger
+from zimage_pipeline.ledger.quota_types import QuotaExceededError
+from zimage_pipeline.ledger.txn import run_write
+from zimage_pipeline.ports import AuditRecord, Authorization, QuotaLeft
+from zimage_pipeline.wiring.identity import policy_of
+
+
+def _events(records: Sequence[AuditRecord]) -> list[NewEvent]:
+    return [NewEvent(r.request_id, r.event_type, r.actor, r.payload) for r in records]
+
+
+class LedgerUnits:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        jobs: JobStore,
+        quota: QuotaLedger,
+        audit: AuditLog,
+        lease_s: float,
+    ) -> None:
+        self._engine = engine
+        self._jobs = jobs
+        self._quota = quota
+        self._audit = audit
+        self._lease_s = lease_s
+
+    def admit(
+        self,
+        *,
+        request_id: str,
+        authorization: Authorization,
+        images: int,
+        audit: Sequence[AuditRecord],
+    ) -> None:
+        policy = policy_of(authorization)
+        events = _events(audit)
+
+        def work(connection: Connection) -> None:
+            self._quota.reserve(
+                request_id=request_id,
+                user=authorization.subject,
+                teams=policy.teams,
+                images=images,
+                user_limits=policy.user_quota,
+                lease_s=self._lease_s,
+                connection=connection,
+            )
+            self._jobs.start(
+                request_id, roles_snapshot=authorization.roles_snapshot, connection=connection
+            )
+            self._audit.append_many(events, connection=connection)
+
+        try:
+            run_write(self._engine, work)
+        except QuotaExceededError:
+            # A crashed worker's lapsed hold must not deny a live request: settle, retry.
+            if self._quota.expire_leases() == 0:
+                raise
+            run_write(self._engine, work)
+
+    def complete(
+        self,
+        *,
+        request_id: str,
+        authorization: Authorization,
+        images: int,
+        audit: Sequence[AuditRecord],
+        result_of: Callable[[QuotaLeft], Mapping[str, Any]],
+    ) -> None:
+        policy = policy_of(authorization)
+        events = _events(audit)
+
+        def work(connection: Connection) -> None:
+            self._quota.commit(request_id, images, connection=connection)
+            left = self._quota.remaining(
+                user=authorization.subject,
+                teams=policy.teams,
+                user_limits=policy.user_quota,
+                connection=connection,
+            )
+            self._jobs.finish(
+                request_id,
+                JobStatus.SUCCEEDED,
+                reason=None,
+                result=result_of(QuotaLeft(day=left.day, month=left.month)),
+                connection=connection,
+            )
+            self._audit.append_many(events, connection=connection)
+
+        run_write(self._engine, work)
+
+    def conclude(
+        self,
+        *,
+        request_id: str,
+        status: str,
+        reason: str,
+        result: Mapping[str, Any],
+        release: bool,
+        audit: Sequence[AuditRecord],
+    ) -> None:
+        events = _events(audit)
+
+        def work(connection: Connection) -> None:
+            if release:
+                self._quota.release(request_id, reason, connection=connection)
+            self._jobs.finish(
+                request_id, status, reason=reason, result=result, connection=connection
+            )
+            self._audit.append_many(events, connection=connection)
+
+        run_write(self._engine, work)

@@ -58,7 +58,9 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tiny", action="store_true", help="tiny model on the CPU")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/out")))
-    p.add_argument("--variants", default="opt,base", help=f"engine variants: {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--variants", default="opt,graphs,base", help=f"engine variants: {', '.join(VARIANTS)}"
+    )
     p.add_argument("--budget-s", type=float, default=420.0, help="start no variant after this")
     p.add_argument("--stream-requests", type=int, default=12, help="batch-1 requests in the stream")
     p.add_argument("--no-first-image", action="store_true", help="skip the warm-cache restart")

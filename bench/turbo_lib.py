@@ -100,13 +100,19 @@ def image_difference(a: Any, b: Any) -> dict[str, float]:
     }
 
 
-# Engine variants: "opt" is this round's configuration (the new defaults), "base" the
-# previous round's defaults, for an A/B in the same process (turbo_bench, turbo_first_image).
+# Engine variants: "opt" is this round's configuration, "base" the previous round's
+# defaults, for an A/B in the same process (turbo_bench, turbo_first_image).
 VARIANTS: dict[str, dict[str, Any]] = {
     "opt": {
         "real_rope": True,
         "compile_text_encoder": False,
         "fuse_projections": True,
+        "text_encoder_graphs": True,
+    },
+    "graphs": {  # opt without the fused projections: isolates each lever
+        "real_rope": True,
+        "compile_text_encoder": False,
+        "fuse_projections": False,
         "text_encoder_graphs": True,
     },
     "base": {

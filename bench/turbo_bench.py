@@ -232,6 +232,17 @@ def profiles(engine: Any, pipe: Any, probe: Any, a: Any, dev: torch.device) -> d
                     out[name] = lib.top_kernels(fn)
             except Exception as exc:  # a profiler problem must not lose the run
                 out[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        # A lead for the VAE: cuDNN's measured algorithm choice instead of its heuristic
+        # (the compiled decoder calls cuDNN for its convolutions).
+        with torch.inference_mode():
+            decode = cases["vae_decode_batch1"]
+            heuristic = lib.time_call(decode, dev)
+            torch.backends.cudnn.benchmark = True
+            try:
+                measured = lib.time_call(decode, dev)
+            finally:
+                torch.backends.cudnn.benchmark = False
+        out["vae_decode_s"] = {"cudnn_heuristic": heuristic, "cudnn_benchmark": measured}
     return out
 
 

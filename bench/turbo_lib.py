@@ -82,6 +82,13 @@ def time_forward(pipe: Any, inputs: Any, device: torch.device, repeats: int = 5)
     return median([timed(lambda: forward(pipe, inputs), device)[0] for _ in range(repeats)])
 
 
+def time_call(fn: Callable[[], Any], device: torch.device, repeats: int = 5) -> float:
+    """Median seconds of ``fn`` after two untimed calls (first-call work stays out)."""
+    for _ in range(2):
+        fn()
+    return median([timed(fn, device)[0] for _ in range(repeats)])
+
+
 def relative_error(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     a = torch.cat([o.float().flatten() for o in out])
     b = torch.cat([r.float().flatten() for r in ref])

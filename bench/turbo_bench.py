@@ -207,7 +207,10 @@ def engine_phase(
             "bucket": engine.prompt_encoder.bucket,
         }
     if first_variant and dev.type == "cuda":
-        path["profile"] = profiles(engine, pipe, probe, a, dev)
+        try:
+            path["profile"] = profiles(engine, pipe, probe, a, dev)
+        except Exception as exc:  # diagnostics only: keep the stream and the restart
+            path["profile"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         lib.write_report(r, a.out)
     if first_variant:
         stream_and_restart(engine, path, r, a)

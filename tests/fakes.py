@@ -291,6 +291,14 @@ class FakeLedger:
         self.jobs.mark(request_id, "running")
         self.audit.append_many(audit)
 
+    def heartbeat(self, request_id: str, *, worker_id: str) -> bool:
+        with self.jobs.lock:
+            row = self.jobs.rows.get(request_id)
+            if row is None or row["result"] is not None:
+                return False
+            row["beats"] = row.get("beats", 0) + 1
+            return True
+
     def complete(
         self,
         *,

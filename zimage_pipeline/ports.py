@@ -209,6 +209,11 @@ class Ledger(Protocol):
         snapshot, append `audit`. A quota refusal raises and writes nothing."""
         ...
 
+    def heartbeat(self, request_id: str, *, worker_id: str) -> bool:
+        """While a job runs: it is not abandoned (no takeover) and its reservation's
+        lease is extended. False if this worker no longer owns the job."""
+        ...
+
     def complete(
         self,
         *,

@@ -90,6 +90,9 @@ class Ports:
 class ServiceConfig:
     worker_id: str
     max_body_bytes: int = 64 * 1024
+    # How often a job this worker holds is marked alive in the ledger (0: never). Well
+    # under `worker.job_busy_s`, after which an untouched job counts as abandoned.
+    heartbeat_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -230,6 +233,11 @@ class RequestService:
             created_at=begin.created_at or self._clock(),
         )
         self._audit(job, "received", self._received_payload(job))
+        heartbeat = (
+            asyncio.create_task(self._keep_alive(request.request_id))
+            if self._config.heartbeat_s > 0
+            else None
+        )
         try:
             result = await self._serve(job)
         except ZImageError as exc:
@@ -238,7 +246,26 @@ class RequestService:
                     await self._flush(job)
                 raise
             result = await self._finish_unsuccessful(job, exc)
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
         return Outcome(result)
+
+    async def _keep_alive(self, request_id: str) -> None:
+        """Heartbeat while this worker holds the job: a crashed worker's job is taken
+        over after `job_busy_s`, a live one's never, however long it generates."""
+        while True:
+            await asyncio.sleep(self._config.heartbeat_s)
+            try:
+                owned = await self._io(
+                    self._p.ledger.heartbeat, request_id, worker_id=self._config.worker_id
+                )
+            except Exception as exc:  # a missed beat is retried, never fatal
+                log.warning("heartbeat for %s failed: %s", request_id, exc)
+                continue
+            if not owned:
+                log.warning("request %s is no longer this worker's (taken over)", request_id)
+                return
 
     def _received_payload(self, job: _Job) -> dict[str, Any]:
         # Keys the audit index understands (user, principal, labels, prompt, ...); the

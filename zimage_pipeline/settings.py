@@ -371,7 +371,7 @@ class WorkerSettings(_Section):
     retry_delays_s: list[int] = Field(default_factory=lambda: [5, 30, 120], min_length=1)
     max_attempts: int = Field(default=5, ge=1)
     delivery_limit: int = Field(default=10, ge=1)
-    job_busy_s: float = Field(default=120.0, ge=0)
+    job_busy_s: float = Field(default=30.0, ge=0)
     max_body_bytes: int = Field(default=65536, ge=1024)
     shutdown_grace_s: float = Field(default=60.0, ge=0)
     http_host: str = "127.0.0.1"

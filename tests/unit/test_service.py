@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -32,7 +33,7 @@ from zimage_pipeline.service import (
 POOL = ThreadPoolExecutor(max_workers=2)
 
 
-def make(**overrides: Any) -> tuple[RequestService, Ports]:
+def make(heartbeat_s: float = 0.0, **overrides: Any) -> tuple[RequestService, Ports]:
     ledger = fake_ledger(daily=3)
     ports = Ports(
         jobs=ledger.jobs,
@@ -46,7 +47,10 @@ def make(**overrides: Any) -> tuple[RequestService, Ports]:
     for name, value in overrides.items():
         setattr(ports, name, value)
     return RequestService(
-        ports, ServiceConfig(worker_id="w1"), gpu_executor=POOL, io_executor=POOL
+        ports,
+        ServiceConfig(worker_id="w1", heartbeat_s=heartbeat_s),
+        gpu_executor=POOL,
+        io_executor=POOL,
     ), ports
 
 
@@ -182,3 +186,16 @@ async def test_priority_must_match_the_queue_it_came_from() -> None:
     assert outcome.dead_letter and outcome.result.reason == "INVALID_REQUEST"
     assert "routing key" in (outcome.result.message or "")
     assert not ports.engine.calls  # type: ignore[attr-defined]
+
+
+async def test_a_running_job_beats_until_it_ends() -> None:
+    ledger = fake_ledger()
+    service, _ = make(
+        heartbeat_s=0.1, engine=FakeEngine(delay_s=0.35), ledger=ledger, jobs=ledger.jobs
+    )
+    outcome = await service.handle(body("beat-1"), principal="alice")
+    assert outcome.result.status is Status.SUCCEEDED
+    beats = ledger.jobs.rows["beat-1"].get("beats", 0)
+    assert beats >= 2  # generation alone took 0.35 s
+    await asyncio.sleep(0.3)
+    assert ledger.jobs.rows["beat-1"].get("beats", 0) == beats  # stopped at the end

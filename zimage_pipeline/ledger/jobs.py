@@ -209,6 +209,25 @@ class JobStore:
         sources = (JobStatus.RECEIVED, JobStatus.AUTHORIZED, JobStatus.RUNNING)
         return self._move(request_id, JobStatus.RUNNING, values, connection, sources=sources)
 
+    def touch(
+        self, request_id: str, *, worker_id: str, connection: Connection | None = None
+    ) -> bool:
+        """The owner's heartbeat: keeps an unfinished job from looking abandoned (see
+        `busy_s` in begin()). False if the job is finished or another worker owns it."""
+
+        def work(connection: Connection) -> bool:
+            touched = connection.execute(
+                update(JOBS)
+                .where(JOBS.c.request_id == request_id, JOBS.c.worker_id == worker_id)
+                .where(JOBS.c.status.not_in([s.value for s in TERMINAL]))
+                .values(updated_at=utcnow())
+            )
+            return touched.rowcount == 1
+
+        if connection is not None:
+            return work(connection)
+        return run_write(self._engine, work)
+
     def finish(
         self,
         request_id: str,

@@ -150,9 +150,15 @@ class QuotaLedger:
         return self._release(request_id, reason, at, expired_only=False, connection=connection)
 
     def extend_lease(
-        self, request_id: str, lease_s: float, *, now: datetime | None = None
+        self,
+        request_id: str,
+        lease_s: float,
+        *,
+        now: datetime | None = None,
+        connection: Connection | None = None,
     ) -> Reservation | None:
-        """Push a live reservation's lease out (a long job's heartbeat)."""
+        """Push a live reservation's lease out (a long job's heartbeat). `connection`:
+        as for commit()."""
         at = as_utc(now or utcnow())
 
         def work(connection: Connection) -> Reservation | None:
@@ -164,7 +170,7 @@ class QuotaLedger:
             )
             return get_reservation(connection, request_id)
 
-        return run_write(self._engine, work, deadline_s=self._deadline_s)
+        return self._run(work, connection)
 
     def expire_leases(self, now: datetime | None = None) -> int:
         """Release every reservation whose lease ran out; returns how many."""

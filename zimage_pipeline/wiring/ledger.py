@@ -77,6 +77,15 @@ class LedgerUnits:
                 raise
             run_write(self._engine, work)
 
+    def heartbeat(self, request_id: str, *, worker_id: str) -> bool:
+        def work(connection: Connection) -> bool:
+            owned = self._jobs.touch(request_id, worker_id=worker_id, connection=connection)
+            if owned:
+                self._quota.extend_lease(request_id, self._lease_s, connection=connection)
+            return owned
+
+        return run_write(self._engine, work)
+
     def complete(
         self,
         *,

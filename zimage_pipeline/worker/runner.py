@@ -69,7 +69,11 @@ async def run_worker(
     io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="zimage-io")
     service = RequestService(
         wiring.ports,
-        ServiceConfig(worker_id=worker_id, max_body_bytes=settings.worker.max_body_bytes),
+        ServiceConfig(
+            worker_id=worker_id,
+            max_body_bytes=settings.worker.max_body_bytes,
+            heartbeat_s=settings.worker.job_busy_s / 4,
+        ),
         gpu_executor=gpu,
         io_executor=io,
     )

@@ -8,11 +8,20 @@ publish, ack.
 
     python bench/control_plane.py --requests 1000 --workers 2 --generate-ms 0
 
-Two measurements in one run:
-- latency: requests sent one at a time; overhead = end-to-end time minus the stub's
-  generation time (p50/p99);
-- throughput: all requests published at once to N workers with a 0 ms stub; completed
-  requests per second per worker = the most the control plane sustains.
+Measurements in one run:
+- references on the same services: a raw 1.5 MB S3 PUT (boto3, no checksum, no
+  condition) and an empty PostgreSQL commit, p50, so the overhead can be read against
+  what the services themselves cost on this machine;
+- latency: requests sent one at a time through one in-process worker; overhead =
+  end-to-end time (publish to result received) minus the stub's generation time, p50/p99,
+  with the time per phase and per ledger call;
+- saturated: 60 requests published at once to one worker whose stub takes an H100's time
+  per image (0.82 s): the share of wall time the engine thread generates, and the gaps
+  between generations (the time the GPU would wait for the control plane);
+- throughput: all requests published at once to 1 and then N real worker processes
+  (bench/cp_worker.py: the production worker, stub engine, 0 ms), completed requests per
+  second, and each worker process's CPU time per request (from /proc): the control plane's
+  cost on one core, independent of how many processes share this machine's two cores.
 Needs `scripts/services.sh up` and `source .local/zimage.env`. Not part of the test suite.
 """
 
@@ -20,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -36,8 +47,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from PIL import Image  # noqa: E402
+from sqlalchemy import text  # noqa: E402
 
+from bench.cp_worker import PAYLOAD, StubEncoder, StubEngine  # noqa: E402
 from tests.integration.worker_harness import (  # noqa: E402
     client,
     delete_private_topology,
@@ -47,33 +59,11 @@ from tests.integration.worker_harness import (  # noqa: E402
 from zimage_pipeline.ledger import migrate  # noqa: E402
 from zimage_pipeline.ledger.db import create_ledger_engine  # noqa: E402
 from zimage_pipeline.ledger.quota import QuotaLedger  # noqa: E402
-from zimage_pipeline.messages import ImageFormat  # noqa: E402
-from zimage_pipeline.ports import EncodedImage, ModelIdentity, RawImage  # noqa: E402
-from zimage_pipeline.settings import load_settings  # noqa: E402
+from zimage_pipeline.settings import Settings, load_settings  # noqa: E402
+from zimage_pipeline.storage import ObjectStore  # noqa: E402
 from zimage_pipeline.wiring import build  # noqa: E402
 
-PAYLOAD = os.urandom(1_500_000)  # incompressible: what a 1024x1024 photo PNG weighs
 USER = "cms-publisher"
-
-
-class StubEngine:
-    def __init__(self, generate_s: float) -> None:
-        self.generate_s = generate_s
-        self._pixels = Image.new("RGB", (1024, 1024))
-
-    @property
-    def identity(self) -> ModelIdentity:
-        return ModelIdentity("stub/z-image", None, "0" * 64)
-
-    def generate(self, specs: Any) -> list[RawImage]:
-        if self.generate_s:
-            time.sleep(self.generate_s)
-        return [RawImage(self._pixels, s.seed, 1024, 1024, i) for i, s in enumerate(specs)]
-
-
-class StubEncoder:
-    def encode(self, image: RawImage, **_: Any) -> EncodedImage:
-        return EncodedImage(PAYLOAD, ImageFormat.PNG, image.width, image.height, image.seed)
 
 
 class Timed:
@@ -115,6 +105,141 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def references(settings: Settings, rounds: int = 40) -> dict[str, float]:
+    """What the services cost by themselves on this machine, in this run."""
+    store = ObjectStore(settings.storage)
+    prefix = f"{settings.storage.prefix}/reference"
+    put: list[float] = []
+    for i in range(rounds):
+        started = time.perf_counter()
+        store.client.put_object(Bucket=settings.storage.bucket, Key=f"{prefix}/{i}", Body=PAYLOAD)
+        put.append(time.perf_counter() - started)
+    ledger = create_ledger_engine(settings.database)
+    commit: list[float] = []
+    try:
+        for _ in range(rounds):
+            started = time.perf_counter()
+            with ledger.begin() as connection:
+                connection.execute(text("select 1"))
+            commit.append(time.perf_counter() - started)
+    finally:
+        ledger.dispose()
+    return {
+        "s3_raw_put_1_5MB_ms_p50": ms(statistics.median(put)),
+        "postgres_empty_transaction_ms_p50": ms(statistics.median(commit)),
+    }
+
+
+def engine_busy(intervals: list[tuple[float, float]], generate_ms: float) -> dict[str, Any]:
+    """The share of wall time the engine thread was generating, first start to last end,
+    and the gaps between one generation's end and the next one's start."""
+    intervals = sorted(intervals)
+    wall = intervals[-1][1] - intervals[0][0]
+    busy = sum(end - start for start, end in intervals)
+    gaps = [b[0] - a[1] for a, b in itertools.pairwise(intervals)]
+    return {
+        "requests": len(intervals),
+        "stub_generate_ms": generate_ms,
+        "engine_busy_share": round(busy / wall, 4),
+        "gap_ms_p50": ms(statistics.median(gaps)),
+        "gap_ms_p99": ms(pct(gaps, 0.99)),
+        "gap_ms_max": ms(max(gaps)),
+    }
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def ready(port: int, process: subprocess.Popen[bytes], wait_s: float = 120) -> None:
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"bench worker exited {process.returncode}")
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /readyz HTTP/1.0\r\n\r\n")
+            status = await reader.readline()
+            writer.close()
+            if b" 200 " in status:
+                return
+        except OSError:
+            pass
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"bench worker on {port} not ready")
+
+
+async def throughput(
+    settings: Settings, cms: Any, workers: int, requests: int, tag: str
+) -> dict[str, Any]:
+    """`requests` published at once to `workers` real worker processes (0 ms stub)."""
+    processes: list[subprocess.Popen[bytes]] = []
+    logs = ROOT / ".local" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    try:
+        for n in range(workers):
+            port = free_port()
+            overrides = {
+                "broker": settings.broker.model_dump(mode="json"),
+                "database": {"url": settings.database.url},
+                "storage": {"prefix": settings.storage.prefix},
+                "engine": settings.engine.model_dump(mode="json"),
+                "worker": {
+                    **settings.worker.model_dump(mode="json"),
+                    "worker_id": f"bench-{tag}-{n}",
+                    "http_port": port,
+                },
+            }
+            env = {**os.environ, "ZIMAGE_BENCH_OVERRIDES": json.dumps(overrides)}
+            with (logs / f"bench-{tag}-{n}.log").open("wb") as log_file:
+                processes.append(
+                    subprocess.Popen(  # noqa: ASYNC220 (a start, not a wait)
+                        [sys.executable, str(ROOT / "bench" / "cp_worker.py")],
+                        env=env,
+                        stdout=log_file,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+            await ready(port, processes[-1])
+        cpu_before = [cpu_seconds(p.pid) for p in processes]
+        started = time.perf_counter()
+        for i in range(requests):
+            await cms.publish(request(f"tp-{tag}-{i}"))
+        for _ in range(requests):
+            result = await cms.next_result(wait_s=120)
+            assert result["status"] == "succeeded", result
+        wall = time.perf_counter() - started
+        cpu = [cpu_seconds(p.pid) - b for p, b in zip(processes, cpu_before, strict=True)]
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=60)
+    total_rate = requests / wall
+    cpu_per_request = sum(cpu) / requests
+    return {
+        "requests": requests,
+        "workers": workers,
+        "wall_s": round(wall, 2),
+        "requests_per_s_total": round(total_rate, 1),
+        "requests_per_s_per_worker": round(total_rate / workers, 1),
+        "worker_cpu_ms_per_request": ms(cpu_per_request),
+        "requests_per_s_per_worker_core": round(1 / cpu_per_request, 1),
+    }
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     base = private_settings(concurrency=4, prefetch=16, max_buffered_per_principal=64)
     settings = load_settings(
@@ -129,6 +254,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     QuotaLedger(ledger).set_limit(
         f"user:{USER}", images_per_day=10**7, images_per_month=10**8, actor="bench"
     )
+    ledger.dispose()
+    reference = references(settings)
     wiring = build(settings, warmup=False)
     stub_s = args.generate_ms / 1000
     try:
@@ -149,68 +276,64 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             phases: dict[str, list[float]] = {}
             async with running_worker(settings, ports, worker_id="bench-0"):
                 for i in range(args.latency_requests + 5):
+                    if i == 5:
+                        calls.clear()  # warm-up over: connections, caches
                     rid = f"lat-{i}"
                     started = time.perf_counter()
                     await cms.publish(request(rid))
                     result = await cms.result_of(rid, wait_s=60)
                     elapsed = time.perf_counter() - started
                     assert result["status"] == "succeeded", result
-                    if i >= 5:  # warm-up: connections, caches
+                    if i >= 5:
                         overheads.append(elapsed - stub_s)
                         for phase, seconds in result["timings_s"].items():
                             phases.setdefault(phase, []).append(seconds)
-            # Throughput: everything at once, N workers, no generation time.
-            zero = replace(ports, engine=StubEngine(0.0))
-            workers = [
-                running_worker(settings, zero, worker_id=f"bench-{n + 1}")
-                for n in range(args.workers)
-            ]
-            for w in workers:
-                await w.__aenter__()
-            try:
-                started = time.perf_counter()
-                for i in range(args.requests):
-                    await cms.publish(request(f"tp-{i}"))
-                done = 0
-                while done < args.requests:
+            # Saturated queue, one worker, a GPU-like generation time: does the "GPU" (the
+            # engine thread) ever wait for the control plane?
+            gpu = StubEngine(args.saturated_generate_ms / 1000)
+            async with running_worker(settings, replace(ports, engine=gpu), worker_id="bench-s"):
+                for i in range(args.saturated_requests):
+                    await cms.publish(request(f"sat-{i}"))
+                for _ in range(args.saturated_requests):
                     result = await cms.next_result(wait_s=120)
                     assert result["status"] == "succeeded", result
-                    done += 1
-                wall = time.perf_counter() - started
-            finally:
-                for w in reversed(workers):
-                    await w.__aexit__(None, None, None)
+            saturated = engine_busy(gpu.intervals, args.saturated_generate_ms)
+            runs = [await throughput(settings, cms, 1, args.requests, "w1")]
+            if args.workers > 1:
+                runs.append(
+                    await throughput(settings, cms, args.workers, args.requests, f"w{args.workers}")
+                )
     finally:
         for close in wiring.closers:
             close()
-        ledger.dispose()
         await delete_private_topology(settings)
-    per_worker = args.requests / wall / args.workers
+    h100_images_per_s = args.h100_images_per_s
     return {
         "benchmark": "control_plane",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared; services on the same host)",
         "services": "RabbitMQ 3.10, PostgreSQL 15 ledger, slapd (warm cache), SeaweedFS",
         "payload_bytes": len(PAYLOAD),
+        "references": reference,
         "latency": {
             "requests": len(overheads),
             "stub_generate_ms": args.generate_ms,
-            "overhead_ms_p50": round(statistics.median(overheads) * 1000, 2),
-            "overhead_ms_p99": round(pct(overheads, 0.99) * 1000, 2),
-            "phase_ms_p50": {k: round(statistics.median(v) * 1000, 2) for k, v in phases.items()},
-            "ledger_calls_ms_p50_and_count": {
-                k: [round(statistics.median(v) * 1000, 2), len(v)] for k, v in calls.items()
+            "overhead_ms_p50": ms(statistics.median(overheads)),
+            "overhead_ms_p99": ms(pct(overheads, 0.99)),
+            "phase_ms_p50": {k: ms(statistics.median(v)) for k, v in phases.items()},
+            "calls_ms_p50_and_count": {
+                k: [ms(statistics.median(v)), len(v)] for k, v in calls.items()
             },
         },
-        "throughput": {
-            "requests": args.requests,
-            "workers": args.workers,
-            "wall_s": round(wall, 2),
-            "requests_per_s_total": round(args.requests / wall, 1),
-            "requests_per_s_per_worker": round(per_worker, 1),
-        },
-        "h100_images_per_s": round(1 / 0.888, 2),
-        "ratio_per_worker_vs_one_h100": round(per_worker / (1 / 0.888), 1),
+        "saturated_one_worker": saturated,
+        "throughput": runs,
+        "h100_images_per_s": h100_images_per_s,
+        "ratio_per_worker_core_vs_one_h100": round(
+            runs[0]["requests_per_s_per_worker_core"] / h100_images_per_s, 1
+        ),
+        "ratio_per_worker_vs_one_h100": [
+            round(r["requests_per_s_per_worker"] / h100_images_per_s, 1) for r in runs
+        ],
     }
 
 
@@ -220,6 +343,19 @@ def main() -> None:
     parser.add_argument("--latency-requests", type=int, default=200)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--generate-ms", type=float, default=100.0)
+    parser.add_argument("--saturated-requests", type=int, default=60)
+    parser.add_argument(
+        "--saturated-generate-ms",
+        type=float,
+        default=820.0,
+        help="per-request generation time in the saturated run (H100, batch 4: ~0.82 s/image)",
+    )
+    parser.add_argument(
+        "--h100-images-per-s",
+        type=float,
+        default=1.22,
+        help="one H100's sustained rate (bench/results/turbo_h100_r2.json, batch 4)",
+    )
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results" / "control_plane.json"
     )

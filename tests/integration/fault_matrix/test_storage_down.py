@@ -1,0 +1,68 @@
+"""Case 6: the S3 server stopped. A request that cannot store its images is retried
+within the storage retry budget, then fails STORAGE_FAILED: nothing charged, its
+reservation released, nothing left behind; requests succeed again once S3 is back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.integration.fault_matrix.checker import assert_invariants
+from tests.integration.fault_matrix.private_seaweed import PrivateS3
+from tests.integration.fault_matrix.stack import case_stack, matrix_settings, request, wired
+from tests.integration.worker_harness import client, running_worker
+from zimage_pipeline.settings import load_settings
+
+pytestmark = pytest.mark.integration
+
+ATTEMPTS = 3
+
+
+async def test_storage_down_fails_the_request_uncharged_after_the_retry_budget(
+    tiny_model: Path, postgres_url: str, tmp_path: Path
+) -> None:
+    s3 = PrivateS3(tmp_path / "s3", load_settings().storage)
+    s3.start()
+    try:
+        settings = matrix_settings(
+            tiny_model,
+            postgres_url,
+            storage={
+                "endpoint_url": s3.endpoint,
+                "max_attempts": ATTEMPTS,
+                "retry_budget_s": 20,
+                "backoff_base_s": 0.1,
+                "backoff_max_s": 0.5,
+                "connect_timeout_s": 1,
+            },
+        )
+        async with (
+            case_stack(settings) as (tap, ledger),
+            wired(settings) as wiring,
+            running_worker(settings, wiring.ports, worker_id="storer"),
+            client(settings, "alice") as alice,
+        ):
+            await alice.publish(request("s3-before"))
+            await tap.wait_for("s3-before")
+
+            s3.stop()
+            await alice.publish(request("s3-down", num_images=2))
+            failed = (await tap.wait_for("s3-down"))["s3-down"]
+            assert (failed["status"], failed["reason"]) == ("failed", "STORAGE_FAILED"), failed
+            assert f"after {ATTEMPTS} attempts" in failed["message"], failed  # retried first
+            assert ledger.reservation_state("s3-down") == "released"
+            assert "quota_released" in ledger.event_types("s3-down")
+
+            s3.start()
+            await alice.publish(request("s3-after"))
+            await tap.wait_for("s3-after")
+        assert tap.first("s3-before")["status"] == "succeeded"
+        assert tap.first("s3-after")["status"] == "succeeded"
+        # Checked with S3 back up: the failed request left no object and no charge.
+        world = assert_invariants(
+            settings, tap.results, expected={"s3-before", "s3-down", "s3-after"}
+        )
+        assert len(world.objects) == 4  # two succeeded requests: an image and a record each
+    finally:
+        s3.stop()

@@ -50,6 +50,7 @@ class EngineConfig:
     fuse_projections: bool = True  # q/k/v and FFN w1/w3 as one GEMM each; same dot products
     text_encoder_graphs: bool = True  # own prompt encoding (prompts.py); CUDA graphs on a GPU
     prompt_bucket: int = 32  # prompts padded to a multiple of this many tokens (graph shapes)
+    transformer_graphs: bool = False  # whole transformer forward as a CUDA graph per shape
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:

@@ -26,6 +26,7 @@ from zimage_pipeline.engine.batching import plan_batches
 from zimage_pipeline.engine.config import EngineConfig, Placement
 from zimage_pipeline.engine.errors import DeviceFailure, GenerationFailed, GpuOutOfMemory
 from zimage_pipeline.engine.failures import FailureKind, classify, first_line, free_device_memory
+from zimage_pipeline.engine.graphs import TransformerGraphs
 from zimage_pipeline.engine.identity import ModelIdentity
 from zimage_pipeline.engine.optimize import attention_priority
 from zimage_pipeline.engine.prompts import PromptEncoder, token_ids
@@ -73,6 +74,14 @@ class TurboEngine:
                 # stay on the GPU (no offload hooks moving them per call).
                 graphs=config.memory_mode is Placement.GPU,
             )
+        self.transformer_graphs: TransformerGraphs | None = None
+        if (
+            config.transformer_graphs
+            and device.type == "cuda"
+            # Offload hooks move weights per call: a graph would keep stale addresses.
+            and config.memory_mode is Placement.GPU
+        ):
+            self.transformer_graphs = TransformerGraphs(pipeline.transformer).install()
 
     @property
     def default_steps(self) -> int:

@@ -31,7 +31,7 @@ from zimage_pipeline.ports import Engine as Engine_
 from zimage_pipeline.ports import ImageSpec, ModelIdentity, RawImage
 from zimage_pipeline.settings import Settings, load_settings
 from zimage_pipeline.wiring import Wiring, build
-from zimage_pipeline.worker.topology import declare_exchanges, declare_topology
+from zimage_pipeline.worker.topology import declare_exchanges
 
 # Small on purpose: a crashed worker's job is taken over after this long (the default,
 # 120 s, protects a slow job from a duplicate; here it would only make the matrix slow).
@@ -262,11 +262,3 @@ class CountingEngine:
         if self.delay_s:
             time.sleep(self.delay_s)
         return self.inner.generate(specs)
-
-
-async def declare_queues(settings: Settings) -> None:
-    """The case's whole topology, as a worker declares it: requests published before any
-    worker runs wait in their queues instead of being dropped by an unbound exchange."""
-    connection = await connect_robust(settings.broker, name="fault-matrix declare")
-    async with connection:
-        await declare_topology(await connection.channel(), settings.broker, settings.worker)

@@ -18,7 +18,6 @@ from tests.integration.fault_matrix.checker import assert_invariants
 from tests.integration.fault_matrix.stack import (
     CountingEngine,
     case_stack,
-    declare_queues,
     matrix_settings,
     request,
     wired,
@@ -80,13 +79,14 @@ async def test_quota_race_across_two_workers_never_overspends(
         )
         engine_a = CountingEngine(wiring_a.ports.engine, delay_s=0.3)
         engine_b = CountingEngine(wiring_b.ports.engine, delay_s=0.3)
-        await declare_queues(settings)
-        for rid in ids:  # all queued before either worker starts: they race from the start
-            await alice.publish(request(rid))
         async with (
             running_worker(settings, replace(wiring_a.ports, engine=engine_a), worker_id="a"),
             running_worker(settings, replace(wiring_b.ports, engine=engine_b), worker_id="b"),
         ):
+            # Both consume: the broker alternates the deliveries between them, and each
+            # reserves for three at once, so six reservations race for four images.
+            for rid in ids:
+                await alice.publish(request(rid))
             await tap.wait_for(*ids)
         outcomes = [(tap.first(r)["status"], tap.first(r).get("reason")) for r in ids]
         assert outcomes.count(("succeeded", None)) == quota, outcomes

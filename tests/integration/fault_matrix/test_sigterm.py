@@ -25,8 +25,8 @@ from tests.integration.worker_harness import client, running_worker
 
 pytestmark = pytest.mark.integration
 
-GRACE_S = 3.0
-GENERATE_S = 2.0  # each generation of the victim: the first finishes inside the grace
+GRACE_S = 4.0
+GENERATE_S = 2.5  # the first generation ends inside the grace, the second after it
 BATCH = 5
 
 

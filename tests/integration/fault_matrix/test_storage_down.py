@@ -5,6 +5,7 @@ reservation released, nothing left behind; requests succeed again once S3 is bac
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,7 @@ from tests.integration.fault_matrix.private_seaweed import PrivateS3
 from tests.integration.fault_matrix.stack import case_stack, matrix_settings, request, wired
 from tests.integration.worker_harness import client, running_worker
 from zimage_pipeline.settings import load_settings
+from zimage_pipeline.storage import ObjectStore
 
 pytestmark = pytest.mark.integration
 
@@ -64,5 +66,55 @@ async def test_storage_down_fails_the_request_uncharged_after_the_retry_budget(
             settings, tap.results, expected={"s3-before", "s3-down", "s3-after"}
         )
         assert len(world.objects) == 4  # two succeeded requests: an image and a record each
+    finally:
+        s3.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "PRODUCT BUG (reported to the lead): when S3 is lost in the middle of a request, "
+        "the images already uploaded stay in the bucket after the request ends "
+        "STORAGE_FAILED: orphan objects that no result, ledger row or audit event names "
+        "(nothing deletes or records a partial upload)"
+    ),
+)
+async def test_storage_lost_mid_request_leaves_no_orphan_object(
+    tiny_model: Path, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3 = PrivateS3(tmp_path / "s3", load_settings().storage)
+    s3.start()
+    try:
+        settings = matrix_settings(
+            tiny_model,
+            postgres_url,
+            storage={
+                "endpoint_url": s3.endpoint,
+                "max_attempts": ATTEMPTS,
+                "backoff_base_s": 0.1,
+                "backoff_max_s": 0.5,
+                "connect_timeout_s": 1,
+            },
+        )
+        upload = ObjectStore.put_object
+
+        def upload_then_lose_s3(self: ObjectStore, key: str, data: bytes, **kw: Any) -> Any:
+            stored = upload(self, key, data, **kw)
+            if "/s3-mid/0." in key:  # the first of two images is in: S3 goes away
+                s3.stop()
+            return stored
+
+        monkeypatch.setattr(ObjectStore, "put_object", upload_then_lose_s3)
+        async with (
+            case_stack(settings) as (tap, _),
+            wired(settings) as wiring,
+            running_worker(settings, wiring.ports, worker_id="storer"),
+            client(settings, "alice") as alice,
+        ):
+            await alice.publish(request("s3-mid", num_images=2))
+            failed = (await tap.wait_for("s3-mid"))["s3-mid"]
+        assert (failed["status"], failed["reason"]) == ("failed", "STORAGE_FAILED"), failed
+        s3.start()
+        assert_invariants(settings, tap.results, expected={"s3-mid"})
     finally:
         s3.stop()

@@ -361,6 +361,7 @@ class EngineSettings(_Section):
     fuse_projections: bool = True
     text_encoder_graphs: bool = True
     prompt_bucket: int = Field(default=32, ge=1)
+    vae_decode_batch: int = Field(default=1, ge=1)
 
 
 class WorkerSettings(_Section):

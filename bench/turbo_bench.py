@@ -59,7 +59,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="tiny model on the CPU")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/out")))
     p.add_argument(
-        "--variants", default="opt,graphs,base", help=f"engine variants: {', '.join(VARIANTS)}"
+        "--variants",
+        default="opt,whole_decode,base",
+        help=f"engine variants: {', '.join(VARIANTS)}",
     )
     p.add_argument("--budget-s", type=float, default=420.0, help="start no variant after this")
     p.add_argument("--stream-requests", type=int, default=12, help="batch-1 requests in the stream")

@@ -109,24 +109,21 @@ def image_difference(a: Any, b: Any) -> dict[str, float]:
 
 # Engine variants: "opt" is this round's configuration, "base" the previous round's
 # defaults, for an A/B in the same process (turbo_bench, turbo_first_image).
+_ROUND3 = {
+    "real_rope": True,
+    "compile_text_encoder": False,
+    "fuse_projections": True,
+    "text_encoder_graphs": True,
+}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "opt": {
-        "real_rope": True,
-        "compile_text_encoder": False,
-        "fuse_projections": True,
-        "text_encoder_graphs": True,
-    },
-    "graphs": {  # opt without the fused projections: isolates each lever
-        "real_rope": True,
-        "compile_text_encoder": False,
-        "fuse_projections": False,
-        "text_encoder_graphs": True,
-    },
+    "opt": _ROUND3 | {"vae_decode_batch": 1},
+    "whole_decode": _ROUND3 | {"vae_decode_batch": 4},  # run r3a's opt: one decoder call
     "base": {
         "real_rope": True,
         "compile_text_encoder": False,
         "fuse_projections": False,
         "text_encoder_graphs": False,
+        "vae_decode_batch": 4,
     },
 }
 

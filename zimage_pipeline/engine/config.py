@@ -50,13 +50,15 @@ class EngineConfig:
     fuse_projections: bool = True  # q/k/v and FFN w1/w3 as one GEMM each; same dot products
     text_encoder_graphs: bool = True  # own prompt encoding (prompts.py); CUDA graphs on a GPU
     prompt_bucket: int = 32  # prompts padded to a multiple of this many tokens (graph shapes)
-    transformer_graphs: bool = False  # whole transformer forward as a CUDA graph per shape
+    vae_decode_batch: int = 1  # images per VAE decoder call (1: its static batch-1 graph)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ConfigError("engine.max_batch must be at least 1")
         if self.default_steps < 1:
             raise ConfigError("engine.default_steps must be at least 1")
+        if self.vae_decode_batch < 1:
+            raise ConfigError("engine.vae_decode_batch must be at least 1")
         if self.prompt_bucket < 1:
             raise ConfigError("engine.prompt_bucket must be at least 1")
         if self.text_encoder_graphs and self.compile_text_encoder:
@@ -83,6 +85,7 @@ class EngineConfig:
             fuse_projections=settings.fuse_projections,
             text_encoder_graphs=settings.text_encoder_graphs,
             prompt_bucket=settings.prompt_bucket,
+            vae_decode_batch=settings.vae_decode_batch,
         )
 
 

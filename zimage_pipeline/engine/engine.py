@@ -26,7 +26,6 @@ from zimage_pipeline.engine.batching import plan_batches
 from zimage_pipeline.engine.config import EngineConfig, Placement
 from zimage_pipeline.engine.errors import DeviceFailure, GenerationFailed, GpuOutOfMemory
 from zimage_pipeline.engine.failures import FailureKind, classify, first_line, free_device_memory
-from zimage_pipeline.engine.graphs import TransformerGraphs
 from zimage_pipeline.engine.identity import ModelIdentity
 from zimage_pipeline.engine.optimize import attention_priority
 from zimage_pipeline.engine.prompts import PromptEncoder, token_ids
@@ -74,14 +73,6 @@ class TurboEngine:
                 # stay on the GPU (no offload hooks moving them per call).
                 graphs=config.memory_mode is Placement.GPU,
             )
-        self.transformer_graphs: TransformerGraphs | None = None
-        if (
-            config.transformer_graphs
-            and device.type == "cuda"
-            # Offload hooks move weights per call: a graph would keep stale addresses.
-            and config.memory_mode is Placement.GPU
-        ):
-            self.transformer_graphs = TransformerGraphs(pipeline.transformer).install()
 
     @property
     def default_steps(self) -> int:
@@ -250,11 +241,20 @@ class TurboEngine:
         return output[0]
 
     def _decode(self, latents: Any) -> list[Any]:
-        """VAE decode as diffusers' pipeline does it; halves the batch on out-of-memory."""
+        """VAE decode as diffusers' pipeline does it, ``vae_decode_batch`` images per decoder
+        call (all calls queued before the one copy to the host); halves the batch on
+        out-of-memory."""
+        import torch
+
         vae = self.pipeline.vae
+        size = self.config.vae_decode_batch
         try:
             scaled = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-            pixels = vae.decode(scaled, return_dict=False)[0]
+            chunks = [
+                vae.decode(scaled[start : start + size], return_dict=False)[0]
+                for start in range(0, scaled.shape[0], size)
+            ]
+            pixels = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
             return to_pil(self.pipeline.image_processor, pixels)
         except Exception as exc:
             if classify(exc) is not FailureKind.OUT_OF_MEMORY or latents.shape[0] == 1:

@@ -114,10 +114,13 @@ def test_fusion_is_skipped_with_sequential_offload(
 
 
 def test_round_three_settings_reach_the_engine_config() -> None:
-    settings = EngineSettings(fuse_projections=False, text_encoder_graphs=False, prompt_bucket=64)
-    config = EngineConfig.from_settings(settings)
-    assert (config.fuse_projections, config.text_encoder_graphs, config.prompt_bucket) == (
-        False,
-        False,
-        64,
+    settings = EngineSettings(
+        fuse_projections=False, text_encoder_graphs=False, prompt_bucket=64, vae_decode_batch=4
     )
+    config = EngineConfig.from_settings(settings)
+    assert (
+        config.fuse_projections,
+        config.text_encoder_graphs,
+        config.prompt_bucket,
+        config.vae_decode_batch,
+    ) == (False, False, 64, 4)

@@ -187,7 +187,7 @@ class RequestService:
                     f"{routed_as.value!r} it was published with"
                 )
         except InvalidRequestError as exc:
-            return Outcome(rejected(peek_request_id(body) or "", exc), dead_letter=True)
+            return await self._invalid(body, exc, principal=principal)
         if not principal:
             error = RequestRejectedError(
                 "the message carries no AMQP user_id; publishers must set it",
@@ -266,6 +266,55 @@ class RequestService:
             if not owned:
                 log.warning("request %s is no longer this worker's (taken over)", request_id)
                 return
+
+    async def _invalid(
+        self, body: bytes, error: InvalidRequestError, *, principal: str | None
+    ) -> Outcome:
+        """A message that is not a valid request, dead-lettered with a clear reason.
+
+        Answered under its request_id only if the ledger gives it that id: a malformed
+        message must not contradict the outcome of another request that uses the same
+        id (anyone can publish junk under anyone's id). The id is claimed like any
+        request's, keyed by the raw bytes: a redelivery of the same bytes gets the same
+        answer, a later real request under that id is a REQUEST_ID_CONFLICT."""
+        request_id = peek_request_id(body, max_bytes=self._config.max_body_bytes)
+        if not request_id or not principal:
+            return Outcome(rejected("", error), dead_letter=True)
+        begin = await self._io(
+            self._p.jobs.begin,
+            request_id=request_id,
+            payload_sha256="invalid:" + hashlib.sha256(body).hexdigest()[:56],
+            principal=principal,
+            on_behalf_of=principal,
+            worker_id=self._config.worker_id,
+        )
+        if begin.kind is BeginKind.TERMINAL and begin.result is not None:
+            stored = GenerationResult.model_validate(begin.result)
+            return Outcome(stored, dead_letter=True, republished=True)
+        if begin.kind is not BeginKind.NEW:  # the id is another request's
+            return Outcome(rejected("", error), dead_letter=True)
+        result = rejected(request_id, error)
+        denied = AuditRecord(
+            request_id,
+            "denied",
+            principal,
+            {
+                "user": principal,
+                "principal": principal,
+                "reason": error.reason,
+                "message": str(error),
+            },
+        )
+        await self._io(
+            self._p.ledger.conclude,
+            request_id=request_id,
+            status=result.status.value,
+            reason=error.reason,
+            result=result.model_dump(mode="json", by_alias=True),
+            release=False,
+            audit=[denied],
+        )
+        return Outcome(result, dead_letter=True)
 
     def _received_payload(self, job: _Job) -> dict[str, Any]:
         # Keys the audit index understands (user, principal, labels, prompt, ...); the

@@ -199,3 +199,23 @@ async def test_a_running_job_beats_until_it_ends() -> None:
     assert beats >= 2  # generation alone took 0.35 s
     await asyncio.sleep(0.3)
     assert ledger.jobs.rows["beat-1"].get("beats", 0) == beats  # stopped at the end
+
+
+async def test_a_malformed_message_claims_a_free_id_but_never_answers_under_a_taken_one() -> None:
+    service, ports = make()
+    ledger = ports.ledger
+    junk = json.dumps({"request_id": "j1", "on_behalf_of": "alice", "prompt": ""}).encode()
+    first = await service.handle(junk, principal="alice")
+    assert first.dead_letter and first.result.request_id == "j1"
+    assert first.result.reason == "INVALID_REQUEST"
+    assert ledger.jobs.rows["j1"]["status"] == "rejected"  # type: ignore[attr-defined]
+    again = await service.handle(junk, principal="alice")  # a redelivery: the same answer
+    assert again.result == first.result
+    # A real request under that id is now a conflict; junk under a taken id is answered
+    # without it, so it contradicts nothing.
+    taken = await service.handle(body("r-taken"), principal="alice")
+    assert taken.result.status is Status.SUCCEEDED
+    bad = json.dumps({"request_id": "r-taken", "on_behalf_of": "bob", "width": 3}).encode()
+    stranger = await service.handle(bad, principal="bob")
+    assert stranger.dead_letter and stranger.result.request_id == ""
+    assert ledger.jobs.rows["r-taken"]["status"] == "succeeded"  # type: ignore[attr-defined]

@@ -107,7 +107,9 @@ def validate_spec(spec: GenerationSpec) -> None:
 
 @dataclass(frozen=True, slots=True)
 class StageTimings:
-    """Wall-clock seconds of the batch an image was generated in (shared by its images)."""
+    """Seconds of the batch an image was generated in (shared by its images): encode and
+    denoise between CUDA events on the GPU's stream (host clock on the CPU), decode the
+    rest of the wall-clock total."""
 
     batch_size: int
     encode_prompt_s: float

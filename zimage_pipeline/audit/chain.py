@@ -36,6 +36,7 @@ from zimage_pipeline.audit.errors import AuditError
 from zimage_pipeline.audit.index import update_request_index
 from zimage_pipeline.errors import DependencyUnavailable
 from zimage_pipeline.ledger.models import AuditChainHead, AuditEventRow
+from zimage_pipeline.ports import AuditRecord
 from zimage_pipeline.settings import AuditSettings, PromptRetention
 
 GENESIS_HASH = "0" * 64
@@ -70,16 +71,6 @@ class AuditEvent:
     prev_hash: str
     event_hash: str
     prompts: dict[str, str] | None = None  # retained prompt texts, outside the hash
-
-
-@dataclass(frozen=True, slots=True)
-class NewEvent:
-    """An event to append: the chain assigns its seq, time and hashes."""
-
-    request_id: str
-    event_type: str
-    actor: str
-    payload: Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,12 +171,12 @@ class AuditLog:
         `principal`, `groups` (list), `model`, `labels` ({key: value}), `reason`,
         `prompt`, `negative_prompt`. Anything else JSON-serialisable is kept as is.
         """
-        record = NewEvent(request_id, event_type, actor, payload)
+        record = AuditRecord(request_id, event_type, actor, payload)
         return self.append_many([record], at=at, connection=connection)[0]
 
     def append_many(
         self,
-        records: Sequence[NewEvent],
+        records: Sequence[AuditRecord],
         *,
         at: datetime | None = None,
         connection: Connection | None = None,
@@ -209,7 +200,7 @@ class AuditLog:
         except OperationalError as exc:
             raise DependencyUnavailable(f"audit append: ledger unavailable: {exc.orig}") from exc
 
-    def _prepare(self, record: NewEvent) -> tuple[dict[str, Any], str, dict[str, str] | None]:
+    def _prepare(self, record: AuditRecord) -> tuple[dict[str, Any], str, dict[str, str] | None]:
         hashed_payload, prompts = split_prompts(record.payload)
         try:
             payload_text = canonical(hashed_payload)
@@ -221,7 +212,7 @@ class AuditLog:
     def _append_prepared(
         self,
         conn: Connection,
-        records: Sequence[NewEvent],
+        records: Sequence[AuditRecord],
         prepared: Sequence[tuple[dict[str, Any], str, dict[str, str] | None]],
         at: datetime | None,
     ) -> list[AuditEvent]:

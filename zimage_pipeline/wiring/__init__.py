@@ -36,11 +36,7 @@ class AuditAdapter:
 
     def append_many(self, records: Sequence[AuditRecord]) -> None:
         """One transaction (one chain-lock hold, one commit) for several events."""
-        from zimage_pipeline.audit.chain import NewEvent
-
-        self._log.append_many(
-            [NewEvent(r.request_id, r.event_type, r.actor, r.payload) for r in records]
-        )
+        self._log.append_many(records)
 
 
 def build(settings: Settings, *, warmup: bool = True) -> Wiring:

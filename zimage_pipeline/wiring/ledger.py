@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine
 
-from zimage_pipeline.audit.chain import AuditLog, NewEvent
+from zimage_pipeline.audit.chain import AuditLog
 from zimage_pipeline.ledger.jobs import JobStore
 from zimage_pipeline.ledger.models import JobStatus
 from zimage_pipeline.ledger.quota import QuotaLedger
@@ -21,10 +21,6 @@ from zimage_pipeline.ledger.quota_types import QuotaExceededError
 from zimage_pipeline.ledger.txn import run_write
 from zimage_pipeline.ports import AuditRecord, Authorization, QuotaLeft
 from zimage_pipeline.wiring.identity import policy_of
-
-
-def _events(records: Sequence[AuditRecord]) -> list[NewEvent]:
-    return [NewEvent(r.request_id, r.event_type, r.actor, r.payload) for r in records]
 
 
 class LedgerUnits:
@@ -52,7 +48,6 @@ class LedgerUnits:
         audit: Sequence[AuditRecord],
     ) -> None:
         policy = policy_of(authorization)
-        events = _events(audit)
 
         def work(connection: Connection) -> None:
             self._quota.reserve(
@@ -67,7 +62,7 @@ class LedgerUnits:
             self._jobs.start(
                 request_id, roles_snapshot=authorization.roles_snapshot, connection=connection
             )
-            self._audit.append_many(events, connection=connection)
+            self._audit.append_many(audit, connection=connection)
 
         try:
             run_write(self._engine, work)
@@ -96,7 +91,6 @@ class LedgerUnits:
         result_of: Callable[[QuotaLeft], Mapping[str, Any]],
     ) -> None:
         policy = policy_of(authorization)
-        events = _events(audit)
 
         def work(connection: Connection) -> None:
             self._quota.commit(request_id, images, connection=connection)
@@ -113,7 +107,7 @@ class LedgerUnits:
                 result=result_of(QuotaLeft(day=left.day, month=left.month)),
                 connection=connection,
             )
-            self._audit.append_many(events, connection=connection)
+            self._audit.append_many(audit, connection=connection)
 
         run_write(self._engine, work)
 
@@ -127,7 +121,6 @@ class LedgerUnits:
         release: bool,
         audit: Sequence[AuditRecord],
     ) -> None:
-        events = _events(audit)
 
         def work(connection: Connection) -> None:
             if release:
@@ -135,6 +128,6 @@ class LedgerUnits:
             self._jobs.finish(
                 request_id, status, reason=reason, result=result, connection=connection
             )
-            self._audit.append_many(events, connection=connection)
+            self._audit.append_many(audit, connection=connection)
 
         run_write(self._engine, work)

@@ -31,6 +31,7 @@ from zimage_pipeline.ports import (
     StoredObjectRef,
     StoredOutputs,
 )
+from zimage_pipeline.storage.errors import StorageFailedError
 
 GENEROUS = Limits(
     generate=True,
@@ -222,9 +223,15 @@ class FakeEncoder:
 
 
 class FakeStore:
-    def __init__(self, failures: int = 0) -> None:
+    """`failures`: that many calls fail before storing anything (transient);
+    `lost_after`: every call stores that many images, then the store is lost for good
+    (STORAGE_FAILED); `down`: discards fail too."""
+
+    def __init__(self, failures: int = 0, *, lost_after: int | None = None) -> None:
         self.objects: dict[str, bytes] = {}
         self.failures = failures
+        self.lost_after = lost_after
+        self.down = False
         self.lock = threading.Lock()
 
     def store(
@@ -243,6 +250,8 @@ class FakeStore:
                 raise DependencyUnavailable("object store unreachable (fake)")
             refs = []
             for index, image in enumerate(images):
+                if index == self.lost_after:
+                    raise StorageFailedError("object store lost mid-request (fake)")
                 key = f"t/{request.request_id}/{index}.png"
                 self.objects[key] = image.data
                 refs.append(
@@ -252,6 +261,15 @@ class FakeStore:
                 )
             self.objects[f"t/{request.request_id}/audit.json"] = b"{}"
             return StoredOutputs(refs, f"t/{request.request_id}/audit.json")
+
+    def discard(self, *, request_id: str, created_at: datetime) -> list[str]:
+        with self.lock:
+            if self.down:
+                raise StorageFailedError("object store unreachable (fake)")
+            keys = [k for k in self.objects if k.startswith(f"t/{request_id}/")]
+            for key in keys:
+                del self.objects[key]
+            return keys
 
 
 class FakeAudit:
@@ -278,6 +296,7 @@ class FakeLedger:
 
     def __init__(self, jobs: FakeJobs, quota: FakeQuota, audit: FakeAudit) -> None:
         self.jobs, self.quota, self.audit = jobs, quota, audit
+        self.discards: set[str] = set()  # queued by conclude, settled by outputs_discarded
 
     def admit(
         self,
@@ -322,11 +341,27 @@ class FakeLedger:
         result: Mapping[str, Any],
         release: bool,
         audit: Sequence[AuditRecord],
+        discard_outputs: bool = False,
     ) -> None:
         if release:
             self.quota.release(request_id, reason)
         self.jobs.finish(request_id, status, reason=reason, result=result)
+        if discard_outputs:
+            self.discards.add(request_id)
         self.audit.append_many(audit)
+
+    def outputs_discarded(self, request_id: str, *, keys: Sequence[str], actor: str) -> bool:
+        if request_id not in self.discards:
+            return False
+        self.discards.discard(request_id)
+        if keys:
+            self.audit.append(
+                request_id=request_id,
+                event_type="outputs_discarded",
+                actor=actor,
+                payload={"keys": sorted(keys)},
+            )
+        return True
 
 
 def fake_ledger(*, daily: int = 1000) -> FakeLedger:

@@ -172,6 +172,11 @@ class Store(Protocol):
         content; identical content already there counts as success."""
         ...
 
+    def discard(self, *, request_id: str, created_at: datetime) -> list[str]:
+        """Delete every object stored for the request (one attempt); the deleted keys.
+        Raises a StorageError when the store cannot be reached."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class AuditRecord:
@@ -236,7 +241,15 @@ class Ledger(Protocol):
         result: Mapping[str, Any],
         release: bool,
         audit: Sequence[AuditRecord],
+        discard_outputs: bool = False,
     ) -> None:
         """End the job unsuccessfully: give back its reservation (`release`), store the
-        terminal `result`, append `audit`."""
+        terminal `result`, append `audit`; `discard_outputs`: its upload had begun, so
+        queue the deletion of whatever it stored (see `outputs_discarded`)."""
+        ...
+
+    def outputs_discarded(self, request_id: str, *, keys: Sequence[str], actor: str) -> bool:
+        """The queued discard is done: dequeue it and record the deleted `keys` (if any)
+        as an `outputs_discarded` audit event, in one transaction. False (and nothing
+        written) if it was not queued, or another worker recorded it first."""
         ...

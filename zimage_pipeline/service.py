@@ -104,6 +104,8 @@ class _Job:
     created_at: datetime
     timings: dict[str, float] = field(default_factory=dict)
     reserved: bool = False
+    # The upload began: a failure from here on may leave objects that must be deleted.
+    store_started: bool = False
     pending_audit: list[AuditRecord] = field(default_factory=list)
 
 
@@ -355,13 +357,22 @@ class RequestService:
             principal=principal,
             payload_sha256=payload_digest(request),
             attempt=0,
-            created_at=self._clock(),
+            created_at=self._clock(),  # not the ledger's: the maintenance sweep discards
             reserved=True,
+            store_started=True,  # unknown here: an earlier attempt may have uploaded
         )
-        return Outcome(await self._finish_unsuccessful(job, error, status=Status.FAILED))
+        result = await self._finish_unsuccessful(
+            job, error, status=Status.FAILED, discard_now=False
+        )
+        return Outcome(result)
 
     async def _finish_unsuccessful(
-        self, job: _Job, error: ZImageError, *, status: Status | None = None
+        self,
+        job: _Job,
+        error: ZImageError,
+        *,
+        status: Status | None = None,
+        discard_now: bool = True,
     ) -> GenerationResult:
         if status is None:
             status = Status.REJECTED if error.disposition is Disposition.REJECT else Status.FAILED
@@ -389,9 +400,30 @@ class RequestService:
             result=result.model_dump(mode="json", by_alias=True),
             release=job.reserved,
             audit=list(job.pending_audit),
+            discard_outputs=job.store_started,
         )
         job.pending_audit = []
+        if job.store_started and discard_now:
+            await self._discard_outputs(job)
         return result
+
+    async def _discard_outputs(self, job: _Job) -> None:
+        """Delete what the failed upload left, now if the store answers; otherwise the
+        ledger keeps the discard queued and the maintenance sweep retries it. Failing
+        here must not change the request's outcome, which is already committed."""
+        request_id = job.request.request_id
+        try:
+            keys = await self._io(
+                self._p.store.discard, request_id=request_id, created_at=job.created_at
+            )
+            await self._io(
+                self._p.ledger.outputs_discarded,
+                request_id,
+                keys=keys,
+                actor=f"worker:{self._config.worker_id}",
+            )
+        except ZImageError as exc:
+            log.warning("objects of %s left for the maintenance sweep: %s", request_id, exc)
 
     def _check_not_expired(self, job: _Job) -> None:
         expires_at = job.request.expires_at
@@ -471,6 +503,7 @@ class RequestService:
             worker_id=self._config.worker_id,
             attempt=job.attempt,
         )
+        job.store_started = True
         outputs = await self._timed(
             job,
             "store",

@@ -162,6 +162,37 @@ async def test_transient_failure_propagates_for_retry_and_keeps_no_charge() -> N
     assert ports.ledger.quota.committed == {"r1": ("alice", 1)}  # type: ignore[attr-defined]
 
 
+async def test_storage_lost_mid_request_discards_the_partial_upload() -> None:
+    store = FakeStore(lost_after=1)
+    service, ports = make(store=store)
+    result = (await service.handle(body(num_images=2), principal="alice")).result
+    assert (result.status, result.reason) == (Status.FAILED, "STORAGE_FAILED")
+    assert store.objects == {}  # image 0 was stored, then deleted
+    assert ports.ledger.discards == set()  # type: ignore[attr-defined]
+    events = [e for _, e in ports.audit.events]  # type: ignore[attr-defined]
+    assert events[-2:] == ["failed", "outputs_discarded"]
+    assert not ports.ledger.quota.committed  # type: ignore[attr-defined]
+
+
+async def test_discard_the_store_refuses_stays_queued_for_the_sweep() -> None:
+    store = FakeStore(lost_after=1)
+    store.down = True
+    service, ports = make(store=store)
+    result = (await service.handle(body(num_images=2), principal="alice")).result
+    assert (result.status, result.reason) == (Status.FAILED, "STORAGE_FAILED")  # unchanged
+    assert list(store.objects) == ["t/r1/0.png"]
+    assert ports.ledger.discards == {"r1"}  # type: ignore[attr-defined]
+    events = [e for _, e in ports.audit.events]  # type: ignore[attr-defined]
+    assert "outputs_discarded" not in events
+
+
+async def test_failure_before_any_upload_queues_no_discard() -> None:
+    service, ports = make()
+    result = (await service.handle(body(num_images=4), principal="alice")).result
+    assert result.reason == "QUOTA_EXCEEDED"
+    assert ports.ledger.discards == set()  # type: ignore[attr-defined]
+
+
 async def test_missing_publisher_identity_is_rejected() -> None:
     service, _ = make()
     outcome = await service.handle(body(), principal=None)

@@ -55,6 +55,7 @@ EVENT_TYPES = frozenset(
         "failed",
         "cancelled",
         "expired",
+        "outputs_discarded",
     }
 )
 PROMPT_FIELDS = ("prompt", "negative_prompt")

@@ -219,3 +219,20 @@ class AuditRequestLabel(Base):
     request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(String(256), primary_key=True)
+
+
+# -- output discards (revision 0004) -------------------------------------------------------
+
+
+class OutputDiscard(Base):
+    """A request that ended without success after its upload began: the objects it may
+    have stored are to be deleted. The row is written in the transaction that ends the
+    job and removed in the one that records the deletion, so a deletion that cannot run
+    now (the object store is down) is never forgotten."""
+
+    __tablename__ = "output_discards"
+
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(String(512))

@@ -200,6 +200,16 @@ class ObjectStore:
         except (ClientError, BotoCoreError) as exc:
             raise StorageFailedError(f"list s3://{bucket}/{prefix}: {wire.describe(exc)}") from exc
 
+    def delete_object(self, key: str, *, bucket: str | None = None) -> None:
+        """Delete `key` (absent is fine: S3 deletes are idempotent). One attempt, no
+        retries: the callers (discards of failed requests) are retried by the worker's
+        maintenance sweep, and must not hold a failing request for a retry budget."""
+        bucket = bucket or self.settings.bucket
+        try:
+            self.client.delete_object(Bucket=bucket, Key=checked_key(key))
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageFailedError(f"delete s3://{bucket}/{key}: {wire.describe(exc)}") from exc
+
     def presign_get(self, key: str, ttl_s: int, *, bucket: str | None = None) -> str:
         """A GET URL valid for `ttl_s` seconds (1 s to 7 days); signing is local, no I/O."""
         if not 1 <= ttl_s <= MAX_PRESIGN_TTL_S:

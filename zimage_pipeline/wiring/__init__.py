@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 class Wiring:
     ports: Ports
     # Housekeeping the worker runs periodically on its I/O pool: expiring crashed
-    # workers' quota leases, anchoring the audit chain head in the object store.
+    # workers' quota leases, deleting failed requests' leftover objects, anchoring the
+    # audit chain head in the object store.
     maintenance: list[Callable[[], Any]] = field(default_factory=list)
     closers: list[Callable[[], Any]] = field(default_factory=list)
 
@@ -45,15 +46,18 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
     from zimage_pipeline.directory import LdapDirectory
     from zimage_pipeline.engine import EngineConfig, load_engine
     from zimage_pipeline.ledger.db import create_ledger_engine
+    from zimage_pipeline.ledger.discards import DiscardQueue
     from zimage_pipeline.ledger.jobs import JobStore
     from zimage_pipeline.ledger.quota import QuotaLedger
     from zimage_pipeline.policy import load_rules
     from zimage_pipeline.provenance import load_signing_config
     from zimage_pipeline.storage import ObjectStore
+    from zimage_pipeline.wiring.discards import DiscardSweeper
     from zimage_pipeline.wiring.identity import DirectoryAuthorizer
     from zimage_pipeline.wiring.jobs import LedgerJobs
     from zimage_pipeline.wiring.ledger import LedgerUnits
     from zimage_pipeline.wiring.outputs import EngineAdapter, ProvenanceEncoder, S3Store
+    from zimage_pipeline.worker.runner import default_worker_id
 
     load_rules(settings.policy)  # a broken policy file stops the worker now, by name
     ledger = create_ledger_engine(settings.database)
@@ -69,6 +73,7 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
         seconds = engine.warmup(width=256, height=256) if small else engine.warmup()
         log.info("engine warm in %.1fs", seconds)
     job_store = JobStore(ledger)
+    discards = DiscardQueue(ledger)
     ports = Ports(
         jobs=LedgerJobs(job_store, busy_s=settings.worker.job_busy_s),
         authorizer=DirectoryAuthorizer(directory, settings.policy),
@@ -77,6 +82,7 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
             jobs=job_store,
             quota=quota_ledger,
             audit=audit_log,
+            discards=discards,
             lease_s=settings.policy.lease_s,
         ),
         engine=EngineAdapter(engine),
@@ -91,8 +97,14 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
         ),
         audit=AuditAdapter(audit_log),
     )
+    sweeper = DiscardSweeper(
+        discards,
+        store=ports.store,
+        ledger=ports.ledger,
+        actor=f"worker:{settings.worker.worker_id or default_worker_id()}",
+    )
     return Wiring(
         ports=ports,
-        maintenance=[quota_ledger.expire_leases, anchorer.maybe_anchor],
+        maintenance=[quota_ledger.expire_leases, sweeper.sweep, anchorer.maybe_anchor],
         closers=[directory.close, ledger.dispose],
     )

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from zimage_pipeline.audit.chain import AuditLog
+from zimage_pipeline.ledger.discards import DiscardQueue
 from zimage_pipeline.ledger.jobs import JobStore
 from zimage_pipeline.ledger.models import JobStatus
 from zimage_pipeline.ledger.quota import QuotaLedger
@@ -31,12 +32,14 @@ class LedgerUnits:
         jobs: JobStore,
         quota: QuotaLedger,
         audit: AuditLog,
+        discards: DiscardQueue,
         lease_s: float,
     ) -> None:
         self._engine = engine
         self._jobs = jobs
         self._quota = quota
         self._audit = audit
+        self._discards = discards
         self._lease_s = lease_s
 
     def admit(
@@ -120,6 +123,7 @@ class LedgerUnits:
         result: Mapping[str, Any],
         release: bool,
         audit: Sequence[AuditRecord],
+        discard_outputs: bool = False,
     ) -> None:
 
         def work(connection: Connection) -> None:
@@ -128,6 +132,20 @@ class LedgerUnits:
             self._jobs.finish(
                 request_id, status, reason=reason, result=result, connection=connection
             )
+            if discard_outputs:
+                self._discards.request(request_id, connection=connection)
             self._audit.append_many(audit, connection=connection)
 
         run_write(self._engine, work)
+
+    def outputs_discarded(self, request_id: str, *, keys: Sequence[str], actor: str) -> bool:
+        record = AuditRecord(request_id, "outputs_discarded", actor, {"keys": sorted(keys)})
+
+        def work(connection: Connection) -> bool:
+            if not self._discards.settle(request_id, connection=connection):
+                return False
+            if keys:  # nothing had been stored: nothing to record
+                self._audit.append_many([record], connection=connection)
+            return True
+
+        return run_write(self._engine, work)

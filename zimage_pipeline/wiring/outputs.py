@@ -25,6 +25,7 @@ from zimage_pipeline.storage import (
     StoredObject,
     audit_record_key,
     image_key,
+    request_prefix,
 )
 
 CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
@@ -160,6 +161,17 @@ class S3Store:
         except ObjectConflictError:
             self._adopt(record_key, request_id=request.request_id, seed=None)
         return StoredOutputs(images=refs, audit_record_key=record_key)
+
+    def discard(self, *, request_id: str, created_at: datetime) -> list[str]:
+        """Delete what a failed request stored: everything under its own prefix (built,
+        like its keys, from the sanitized id and the ledger's creation time). On a
+        versioned bucket the deletes leave delete markers; older versions are the
+        bucket's lifecycle policy's to expire."""
+        prefix = request_prefix(self._prefix, created_at, request_id) + "/"
+        keys = list(self._store.list_keys(prefix))
+        for key in keys:
+            self._store.delete_object(key)
+        return keys
 
     def _adopt(self, key: str, *, request_id: str, seed: int | None) -> StoredObject:
         """A previous attempt of this same request (which crashed before its ledger

@@ -38,8 +38,8 @@ def _gpu_memory_probe(metrics: Metrics) -> None:
 
 
 async def _maintain(wiring: Wiring, io: Executor, metrics: Metrics) -> None:
-    """Expire crashed workers' quota leases, anchor the audit chain, sample GPU memory:
-    every 30 s."""
+    """Expire crashed workers' quota leases, delete failed requests' leftover objects,
+    anchor the audit chain, sample GPU memory: every 30 s."""
     loop = asyncio.get_running_loop()
     while True:
         with suppress(Exception):

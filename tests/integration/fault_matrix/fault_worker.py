@@ -68,6 +68,9 @@ class KillAfterStore:
         die(f"after storing {len(outputs.images)} image(s), before the ledger commit")
         return outputs
 
+    def discard(self, **kwargs: Any) -> list[str]:
+        return self._inner.discard(**kwargs)
+
 
 def patch_publishing(kill: str) -> None:
     """Wrap the consumer's confirmed publish of a succeeded result."""

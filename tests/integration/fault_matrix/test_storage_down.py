@@ -4,6 +4,7 @@ reservation released, nothing left behind; requests succeed again once S3 is bac
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,18 @@ import pytest
 
 from tests.integration.fault_matrix.checker import assert_invariants
 from tests.integration.fault_matrix.private_seaweed import PrivateS3
-from tests.integration.fault_matrix.stack import case_stack, matrix_settings, request, wired
+from tests.integration.fault_matrix.stack import (
+    Ledger,
+    case_stack,
+    matrix_settings,
+    request,
+    wired,
+)
 from tests.integration.worker_harness import client, running_worker
+from zimage_pipeline.ledger.discards import DiscardQueue
 from zimage_pipeline.settings import load_settings
 from zimage_pipeline.storage import ObjectStore
+from zimage_pipeline.wiring import Wiring
 
 pytestmark = pytest.mark.integration
 
@@ -56,9 +65,14 @@ async def test_storage_down_fails_the_request_uncharged_after_the_retry_budget(
             assert ledger.reservation_state("s3-down") == "released"
             assert "quota_released" in ledger.event_types("s3-down")
 
+            assert discards_queued(ledger) == ["s3-down"]  # its upload had begun
+
             s3.start()
             await alice.publish(request("s3-after"))
             await tap.wait_for("s3-after")
+            await run_maintenance(wiring)
+            assert discards_queued(ledger) == []
+            assert "outputs_discarded" not in ledger.event_types("s3-down")  # none stored
         assert tap.first("s3-before")["status"] == "succeeded"
         assert tap.first("s3-after")["status"] == "succeeded"
         # Checked with S3 back up: the failed request left no object and no charge.
@@ -70,15 +84,6 @@ async def test_storage_down_fails_the_request_uncharged_after_the_retry_budget(
         s3.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "PRODUCT BUG (reported to the lead): when S3 is lost in the middle of a request, "
-        "the images already uploaded stay in the bucket after the request ends "
-        "STORAGE_FAILED: orphan objects that no result, ledger row or audit event names "
-        "(nothing deletes or records a partial upload)"
-    ),
-)
 async def test_storage_lost_mid_request_leaves_no_orphan_object(
     tiny_model: Path, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -106,15 +111,31 @@ async def test_storage_lost_mid_request_leaves_no_orphan_object(
 
         monkeypatch.setattr(ObjectStore, "put_object", upload_then_lose_s3)
         async with (
-            case_stack(settings) as (tap, _),
+            case_stack(settings) as (tap, ledger),
             wired(settings) as wiring,
             running_worker(settings, wiring.ports, worker_id="storer"),
             client(settings, "alice") as alice,
         ):
             await alice.publish(request("s3-mid", num_images=2))
             failed = (await tap.wait_for("s3-mid"))["s3-mid"]
-        assert (failed["status"], failed["reason"]) == ("failed", "STORAGE_FAILED"), failed
-        s3.start()
+            assert (failed["status"], failed["reason"]) == ("failed", "STORAGE_FAILED"), failed
+            # The worker could not delete image 0 (S3 is gone): the ledger keeps the job.
+            assert "outputs_discarded" not in ledger.event_types("s3-mid")
+            assert discards_queued(ledger) == ["s3-mid"]
+
+            s3.start()
+            await run_maintenance(wiring)  # what the worker runs every 30 s
+            assert discards_queued(ledger) == []
+            assert ledger.event_types("s3-mid")[-1] == "outputs_discarded"
         assert_invariants(settings, tap.results, expected={"s3-mid"})
     finally:
         s3.stop()
+
+
+def discards_queued(ledger: Ledger) -> list[str]:
+    return [p.request_id for p in DiscardQueue(ledger.engine).pending(limit=100)]
+
+
+async def run_maintenance(wiring: Wiring) -> None:
+    for task in wiring.maintenance:
+        await asyncio.to_thread(task)

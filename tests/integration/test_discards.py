@@ -1,0 +1,133 @@
+"""Discards of failed requests' objects: the ledger queue (both backends) and the sweep
+against the real SeaweedFS, including a store that cannot be reached."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+
+import pytest
+from sqlalchemy import Engine, select
+
+from tests.integration.test_storage_s3 import storage_settings
+from zimage_pipeline.audit.chain import AuditLog
+from zimage_pipeline.audit.verify import verify_chain
+from zimage_pipeline.ledger import migrate
+from zimage_pipeline.ledger.db import create_ledger_engine
+from zimage_pipeline.ledger.discards import DiscardQueue
+from zimage_pipeline.ledger.jobs import JobStore
+from zimage_pipeline.ledger.models import AuditEventRow
+from zimage_pipeline.ledger.quota import QuotaLedger
+from zimage_pipeline.settings import AuditSettings, DatabaseSettings
+from zimage_pipeline.storage import ObjectStore, image_key
+from zimage_pipeline.wiring.discards import DiscardSweeper
+from zimage_pipeline.wiring.ledger import LedgerUnits
+from zimage_pipeline.wiring.outputs import S3Store
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def ledger(ledger_url: str) -> Iterator[Engine]:
+    engine = create_ledger_engine(DatabaseSettings(url=ledger_url, pool_size=4))
+    migrate.upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    value = f"test-{uuid.uuid4().hex[:12]}"
+    yield value
+    store = ObjectStore(storage_settings())
+    for key in list(store.list_keys(value + "/")):
+        store.delete_object(key)
+
+
+def units(engine: Engine) -> tuple[LedgerUnits, DiscardQueue]:
+    queue = DiscardQueue(engine)
+    return LedgerUnits(
+        engine,
+        jobs=JobStore(engine),
+        quota=QuotaLedger(engine),
+        audit=AuditLog.from_settings(engine, AuditSettings()),
+        discards=queue,
+        lease_s=60,
+    ), queue
+
+
+def failed_job(engine: Engine, ledger: LedgerUnits, request_id: str, *, discard: bool) -> datetime:
+    begin = JobStore(engine).begin(
+        request_id=request_id,
+        payload_sha256="0" * 64,
+        principal="alice",
+        on_behalf_of="alice",
+        worker_id="w1",
+    )
+    ledger.conclude(
+        request_id=request_id,
+        status="failed",
+        reason="STORAGE_FAILED",
+        result={"request_id": request_id, "status": "failed"},
+        release=False,
+        audit=[],
+        discard_outputs=discard,
+    )
+    return begin.created_at
+
+
+def upload(store: ObjectStore, key: str) -> None:
+    store.put_object(key, b"partial image", content_type="image/png", metadata={}, tags={})
+
+
+def discarded_keys(engine: Engine, request_id: str) -> list[list[str]]:
+    with engine.connect() as conn:
+        payloads = conn.scalars(
+            select(AuditEventRow.payload).where(
+                AuditEventRow.request_id == request_id,
+                AuditEventRow.event_type == "outputs_discarded",
+            )
+        )
+        return [json.loads(p)["keys"] for p in payloads]
+
+
+def test_sweep_deletes_the_request_objects_once_and_records_them(
+    ledger: Engine, prefix: str
+) -> None:
+    units_, queue = units(ledger)
+    store = ObjectStore(storage_settings())
+    created = failed_job(ledger, units_, "r-partial", discard=True)
+    failed_job(ledger, units_, "r-clean", discard=False)
+    leftover = image_key(prefix, created, "r-partial", 0, "png")
+    neighbour = image_key(prefix, created, "r-partial-2", 0, "png")  # same stem, other request
+    upload(store, leftover)
+    upload(store, neighbour)
+    assert [p.request_id for p in queue.pending(limit=10)] == ["r-partial"]
+
+    sweeper = DiscardSweeper(
+        queue, store=S3Store(store, prefix=prefix, presign_ttl_s=0), ledger=units_, actor="t"
+    )
+    assert sweeper.sweep() == 1
+    assert list(store.list_keys(prefix + "/")) == [neighbour]
+    assert queue.pending(limit=10) == []
+    assert discarded_keys(ledger, "r-partial") == [[leftover]]
+    assert sweeper.sweep() == 0  # settled: nothing recorded twice
+    assert discarded_keys(ledger, "r-partial") == [[leftover]]
+    assert verify_chain(ledger).ok
+
+
+def test_unreachable_store_keeps_the_discard_queued_with_the_error(ledger: Engine) -> None:
+    units_, queue = units(ledger)
+    failed_job(ledger, units_, "r-later", discard=True)
+    down = ObjectStore(
+        storage_settings(endpoint_url="http://127.0.0.1:9", connect_timeout_s=1, max_attempts=1)
+    )
+    sweeper = DiscardSweeper(
+        queue, store=S3Store(down, prefix="p", presign_ttl_s=0), ledger=units_, actor="t"
+    )
+    assert sweeper.sweep() == 0
+    (pending,) = queue.pending(limit=10)
+    assert (pending.request_id, pending.attempts) == ("r-later", 1)
+    assert discarded_keys(ledger, "r-later") == []

@@ -1,0 +1,53 @@
+"""The maintenance sweep that deletes what failed requests left in the object store.
+
+The service deletes a failed request's objects as soon as the job ends; this sweep does
+it for those it could not (the store was down, the worker died in between): every queued
+discard, oldest first, until the store answers. See `ledger/discards.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from zimage_pipeline.errors import ZImageError
+from zimage_pipeline.ledger.discards import DiscardQueue
+from zimage_pipeline.ports import Ledger, Store
+
+log = logging.getLogger(__name__)
+
+
+class DiscardSweeper:
+    def __init__(
+        self,
+        queue: DiscardQueue,
+        *,
+        store: Store,
+        ledger: Ledger,
+        actor: str,
+        batch: int = 50,
+    ) -> None:
+        self._queue = queue
+        self._store = store
+        self._ledger = ledger
+        self._actor = actor
+        self._batch = batch
+
+    def sweep(self) -> int:
+        """Work through up to `batch` queued discards; the number settled. The first
+        store failure ends the sweep (the store is down: the rest would fail too)."""
+        settled = 0
+        for pending in self._queue.pending(limit=self._batch):
+            try:
+                keys = self._store.discard(
+                    request_id=pending.request_id, created_at=pending.job_created_at
+                )
+            except ZImageError as exc:
+                self._queue.note_failure(pending.request_id, str(exc))
+                log.warning("discard of %s's objects failed: %s", pending.request_id, exc)
+                break
+            if self._ledger.outputs_discarded(pending.request_id, keys=keys, actor=self._actor):
+                settled += 1
+                log.info(
+                    "discarded %d object(s) of failed request %s", len(keys), pending.request_id
+                )
+        return settled

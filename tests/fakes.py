@@ -241,6 +241,7 @@ class FakeStore:
         created_at: datetime,
         images: Sequence[EncodedImage],
         audit_record: Mapping[str, Any],
+        first_attempt: bool = False,
     ) -> StoredOutputs:
         import hashlib
 

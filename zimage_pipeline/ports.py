@@ -167,9 +167,12 @@ class Store(Protocol):
         created_at: datetime,
         images: Sequence[EncodedImage],
         audit_record: Mapping[str, Any],
+        first_attempt: bool = False,
     ) -> StoredOutputs:
-        """Upload images then the audit record, checksummed, never overwriting other
-        content; identical content already there counts as success."""
+        """Upload the images and the audit record naming them, checksummed, never
+        overwriting other content; identical content already there counts as success.
+        `first_attempt`: no earlier attempt of the request can have stored anything, so
+        the record may be uploaded beside the images instead of after them."""
         ...
 
     def discard(self, *, request_id: str, created_at: datetime) -> list[str]:

@@ -513,6 +513,7 @@ class RequestService:
                 created_at=job.created_at,
                 images=encoded,
                 audit_record=audit_record,
+                first_attempt=job.attempt == 1,
             ),
         )
         self._audit(job, "stored", stored_payload(outputs))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 from urllib.parse import unquote
@@ -26,6 +27,7 @@ from zimage_pipeline.storage import (
     audit_record_key,
     image_key,
     request_prefix,
+    wire,
 )
 
 CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
@@ -108,6 +110,10 @@ class S3Store:
         self._store = store
         self._prefix = prefix
         self._presign_ttl_s = presign_ttl_s
+        # Uploads of one request run side by side: a request's upload time is its
+        # slowest object's, not their sum (the PUT is most of the control plane's
+        # latency, bench/NOTES.md). boto3 clients are thread-safe.
+        self._uploads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="zimage-s3")
 
     def store(
         self,
@@ -116,51 +122,94 @@ class S3Store:
         created_at: datetime,
         images: Sequence[EncodedImage],
         audit_record: Mapping[str, Any],
+        first_attempt: bool = False,
     ) -> StoredOutputs:
-        refs: list[StoredObjectRef] = []
-        for index, image in enumerate(images):
-            fmt = image.format.value
-            key = image_key(self._prefix, created_at, request.request_id, index, EXTENSIONS[fmt])
-            try:
-                stored = self._store.put_object(
-                    key,
-                    image.data,
-                    content_type=CONTENT_TYPES[fmt],
-                    metadata={
-                        "request-id": request.request_id,
-                        "user": request.on_behalf_of,
-                        "model": str(audit_record.get("model", {}).get("name", "")),
-                        "seed": str(image.seed),
-                    },
-                    tags={"generator": "zimage-pipeline", "ai-generated": "true"},
-                )
-            except ObjectConflictError:
-                stored = self._adopt(key, request_id=request.request_id, seed=image.seed)
-            url = (
-                self._store.presign_get(stored.key, self._presign_ttl_s)
-                if self._presign_ttl_s
-                else None
+        keys = [
+            image_key(
+                self._prefix, created_at, request.request_id, i, EXTENSIONS[image.format.value]
             )
-            refs.append(
-                StoredObjectRef(
-                    stored.bucket, stored.key, stored.version_id, stored.sha256, stored.size, url
-                )
-            )
+            for i, image in enumerate(images)
+        ]
         record_key = audit_record_key(self._prefix, created_at, request.request_id)
+        uploads = [
+            self._uploads.submit(self._put_image, key, image, request, audit_record)
+            for key, image in zip(keys, images, strict=True)
+        ]
+        if first_attempt:
+            # No earlier attempt can have stored anything, so no image is adopted: each
+            # keeps the digest computed here, and the record naming them goes up beside
+            # them. On a retry the record waits for the images (one may be adopted).
+            planned = [
+                StoredObjectRef("", key, None, wire.sha256_digests(image.data)[0], len(image.data))
+                for key, image in zip(keys, images, strict=True)
+            ]
+            record = self._uploads.submit(
+                self._put_record, record_key, request.request_id, audit_record, planned
+            )
+            refs = _results([*uploads, record])[: len(images)]
+            if [(r.sha256, r.size) for r in refs] != [(r.sha256, r.size) for r in planned]:
+                # An image was adopted after all (an earlier attempt the ledger does not
+                # know of, e.g. a ledger restored from a backup): the record just written
+                # names other bytes. It is this request's own: replace it.
+                self._store.delete_object(record_key)
+                self._put_record(record_key, request.request_id, audit_record, refs)
+        else:
+            refs = _results(uploads)
+            self._put_record(record_key, request.request_id, audit_record, refs)
+        return StoredOutputs(images=refs, audit_record_key=record_key)
+
+    def _put_image(
+        self,
+        key: str,
+        image: EncodedImage,
+        request: GenerationRequest,
+        audit_record: Mapping[str, Any],
+    ) -> StoredObjectRef:
+        fmt = image.format.value
+        try:
+            stored = self._store.put_object(
+                key,
+                image.data,
+                content_type=CONTENT_TYPES[fmt],
+                metadata={
+                    "request-id": request.request_id,
+                    "user": request.on_behalf_of,
+                    "model": str(audit_record.get("model", {}).get("name", "")),
+                    "seed": str(image.seed),
+                },
+                tags={"generator": "zimage-pipeline", "ai-generated": "true"},
+            )
+        except ObjectConflictError:
+            stored = self._adopt(key, request_id=request.request_id, seed=image.seed)
+        url = (
+            self._store.presign_get(stored.key, self._presign_ttl_s)
+            if self._presign_ttl_s
+            else None
+        )
+        return StoredObjectRef(
+            stored.bucket, stored.key, stored.version_id, stored.sha256, stored.size, url
+        )
+
+    def _put_record(
+        self,
+        key: str,
+        request_id: str,
+        audit_record: Mapping[str, Any],
+        refs: Sequence[StoredObjectRef],
+    ) -> StoredObjectRef:
         record = {
             **audit_record,
             "objects": [{"key": r.key, "sha256": r.sha256, "bytes": r.size} for r in refs],
         }
         try:
-            self._store.put_json(
-                record_key,
-                record,
-                metadata={"request-id": request.request_id},
-                tags={"kind": "audit-record"},
+            stored = self._store.put_json(
+                key, record, metadata={"request-id": request_id}, tags={"kind": "audit-record"}
             )
         except ObjectConflictError:
-            self._adopt(record_key, request_id=request.request_id, seed=None)
-        return StoredOutputs(images=refs, audit_record_key=record_key)
+            stored = self._adopt(key, request_id=request_id, seed=None)
+        return StoredObjectRef(
+            stored.bucket, stored.key, stored.version_id, stored.sha256, stored.size
+        )
 
     def discard(self, *, request_id: str, created_at: datetime) -> list[str]:
         """Delete what a failed request stored: everything under its own prefix (built,
@@ -188,3 +237,13 @@ class S3Store:
         return StoredObject(
             bucket, key, head.get("VersionId"), meta["sha256"], int(head["ContentLength"])
         )
+
+
+def _results(futures: Sequence[Future[StoredObjectRef]]) -> list[StoredObjectRef]:
+    """Every upload's result, in order; the first failure is raised only after all have
+    finished, so none is still writing when the request is failed (and discarded)."""
+    errors = [f.exception() for f in futures]
+    for error in errors:
+        if error is not None:
+            raise error
+    return [f.result() for f in futures]

@@ -5,6 +5,7 @@ reservation released, nothing left behind; requests succeed again once S3 is bac
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -102,11 +103,17 @@ async def test_storage_lost_mid_request_leaves_no_orphan_object(
             },
         )
         upload = ObjectStore.put_object
+        first_image_in = threading.Event()
 
         def upload_then_lose_s3(self: ObjectStore, key: str, data: bytes, **kw: Any) -> Any:
-            stored = upload(self, key, data, **kw)
-            if "/s3-mid/0." in key:  # the first of two images is in: S3 goes away
+            # The images go up side by side: the second one waits for the first to be
+            # stored, then S3 goes away under it.
+            if "/s3-mid/1." in key:
+                assert first_image_in.wait(30)
                 s3.stop()
+            stored = upload(self, key, data, **kw)
+            if "/s3-mid/0." in key:
+                first_image_in.set()
             return stored
 
         monkeypatch.setattr(ObjectStore, "put_object", upload_then_lose_s3)

@@ -10,6 +10,7 @@ Importing this package does not import torch; load_engine does.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 
@@ -62,22 +63,29 @@ def load_engine(config: EngineConfig) -> TurboEngine:
     )
     from zimage_pipeline.engine.optimize import optimize_pipeline
 
-    start = time.perf_counter()
+    marks = [time.perf_counter()]
     device = resolve_device(config.device)
     location = locate_model(config)
     identity = identify(
         location.directory, name=location.name, revision=location.revision, source=location.source
     )
+    marks.append(time.perf_counter())
     pipe = load_pipeline(location, dtype=compute_dtype(device))
+    marks.append(time.perf_counter())
     place(pipe, device=device, memory_mode=config.memory_mode)
+    marks.append(time.perf_counter())
     set_attention_backend(pipe, config.attention_backend)
     compiled = optimize_pipeline(pipe, config=config, device=device)
+    marks.append(time.perf_counter())
+    steps = [b - a for a, b in itertools.pairwise(marks)]
     log.info(
-        "model %s (revision %s, sha256 %s) on %s in %.1fs",
+        "model %s (revision %s, sha256 %s) on %s in %.1fs "
+        "(identify %.1fs, read %.1fs, place %.1fs, optimize %.1fs)",
         identity.name,
         identity.revision,
         identity.weights_sha256[:16],
         device,
-        time.perf_counter() - start,
+        marks[-1] - marks[0],
+        *steps,
     )
     return TurboEngine(pipe, config=config, device=device, identity=identity, compiled=compiled)

@@ -303,12 +303,15 @@ def to_pil(processor: Any, pixels: Any) -> list[Any]:
     the device: the same operations in the same precision (denormalize in the decoder's
     dtype, then float32 * 255, round half to even, cast), so the same bytes, but 3 MB
     instead of 12 MB cross to the host and the CPU no longer spends ~10 ms per 1024x1024
-    image on it while the GPU waits for the next batch."""
+    image on it while the GPU waits for the next batch. The NCHW -> NHWC transpose is made
+    contiguous on the device too: ``.cpu()`` keeps a permuted tensor's strides, and PIL
+    then transposed the strided array on the CPU (~10 ms per 1024x1024 image, measured)."""
     import torch
     from PIL import Image
 
     images = processor._denormalize_conditionally(pixels, None)
-    array = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    u8 = (images.float() * 255).round().to(torch.uint8)
+    array = u8.permute(0, 2, 3, 1).contiguous().cpu().numpy()
     if array.shape[-1] == 1:  # diffusers' numpy_to_pil: grayscale as mode L
         return [Image.fromarray(a[..., 0], mode="L") for a in array]
     return [Image.fromarray(a) for a in array]

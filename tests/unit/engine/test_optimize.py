@@ -107,3 +107,29 @@ def test_device_side_uint8_conversion_gives_diffusers_bytes(engine: TurboEngine)
         for a, b in zip(ours, theirs, strict=True):
             assert a.mode == b.mode == "RGB"
             assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_loaded_weights_need_no_gradient(engine: TurboEngine) -> None:
+    # from_pretrained leaves requires_grad on; the compile cache keys include it, so a
+    # model read from disk would miss graphs compiled for the same model built in memory.
+    pipe = engine.pipeline
+    for name in ("transformer", "text_encoder", "vae"):
+        flags = {p.requires_grad for p in getattr(pipe, name).parameters()}
+        assert flags == {False}, name
+
+
+def test_uint8_images_reach_the_host_contiguous(engine: TurboEngine) -> None:
+    # A permuted tensor keeps its strides through .cpu(); PIL then transposed it on the CPU.
+    pixels = torch.rand(1, 3, 16, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    calls: list[bool] = []
+    original = torch.Tensor.cpu
+
+    def spy(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(self.is_contiguous())
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "cpu", spy)
+        (image,) = to_pil(engine.pipeline.image_processor, pixels)
+    assert calls == [True]
+    assert image.size == (8, 16)

@@ -23,6 +23,7 @@ PROCESS_START = time.perf_counter()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -66,7 +67,22 @@ def random_engine(a: argparse.Namespace, dev: torch.device, r: dict[str, Any]) -
     return TurboEngine(pipe, config=config, device=dev, identity=identity, compiled=compiled)
 
 
+class _Messages(logging.Handler):
+    """load_engine's own log line: its step times (identify, read, place, optimize)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 def disk_engine(a: argparse.Namespace, dev: torch.device, r: dict[str, Any]) -> TurboEngine:
+    messages = _Messages()
+    logger = logging.getLogger("zimage_pipeline.engine")
+    logger.addHandler(messages)
+    logger.setLevel(logging.INFO)
     t = time.perf_counter()
     config = EngineConfig(
         model_path=a.model,
@@ -79,6 +95,8 @@ def disk_engine(a: argparse.Namespace, dev: torch.device, r: dict[str, Any]) -> 
     )
     engine = load_engine(config)
     r["load_engine_s"] = time.perf_counter() - t  # identify + read + place + optimize
+    r["load_log"] = [line for line in messages.lines if line.startswith("model ")]
+    logger.removeHandler(messages)
     return engine
 
 
@@ -108,6 +126,10 @@ def main() -> None:
     r["first_request_s"] = time.perf_counter() - t
     r["time_to_first_image_s"] = time.perf_counter() - PROCESS_START
     r["time_to_ready_s"] = r["time_to_first_image_s"] - r["first_request_s"]
+    from torch._dynamo.utils import counters
+
+    # Warm means hits: inductor's FX graph cache counts each compiled graph it served.
+    r["compile_cache"] = {k: v for k, v in counters["inductor"].items() if "cache" in k}
     runs = []
     for n, batch in enumerate(int(b) for b in a.requests.split(",") if b.strip()):
         lib.reset_peak(dev)

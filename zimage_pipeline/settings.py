@@ -362,6 +362,7 @@ class EngineSettings(_Section):
     text_encoder_graphs: bool = True
     prompt_bucket: int = Field(default=32, ge=1)
     vae_decode_batch: int = Field(default=1, ge=1)
+    linear_fp8: bool = False  # LOSSY opt-in tier: FP8 block projections (engine/fp8.py)
 
 
 class WorkerSettings(_Section):
@@ -372,11 +373,25 @@ class WorkerSettings(_Section):
     retry_delays_s: list[int] = Field(default_factory=lambda: [5, 30, 120], min_length=1)
     max_attempts: int = Field(default=5, ge=1)
     delivery_limit: int = Field(default=10, ge=1)
+    # Starts of one request the ledger allows (its first, retries after transient
+    # failures, takeovers after a worker died running it); one more ends it failed
+    # ATTEMPTS_EXHAUSTED. The broker's delivery_limit cannot stop a request that kills
+    # its workers: the redelivery finds the job busy and comes back as a new message.
+    max_job_attempts: int = Field(default=8, ge=1)
     job_busy_s: float = Field(default=30.0, ge=0)
     max_body_bytes: int = Field(default=65536, ge=1024)
     shutdown_grace_s: float = Field(default=60.0, ge=0)
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=9464, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _attempts_cover_the_retries(self) -> WorkerSettings:
+        if self.max_job_attempts <= self.max_attempts:
+            raise ValueError(
+                f"worker.max_job_attempts ({self.max_job_attempts}) must exceed "
+                f"worker.max_attempts ({self.max_attempts}): transient retries count too"
+            )
+        return self
 
 
 class ClientSettings(_Section):

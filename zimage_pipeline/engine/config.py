@@ -51,6 +51,8 @@ class EngineConfig:
     text_encoder_graphs: bool = True  # own prompt encoding (prompts.py); CUDA graphs on a GPU
     prompt_bucket: int = 32  # prompts padded to a multiple of this many tokens (graph shapes)
     vae_decode_batch: int = 1  # images per VAE decoder call (1: its static batch-1 graph)
+    # LOSSY, opt-in (fp8.py): the blocks' projections as FP8 GEMMs; not bf16-equal output.
+    linear_fp8: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -86,6 +88,7 @@ class EngineConfig:
             text_encoder_graphs=settings.text_encoder_graphs,
             prompt_bucket=settings.prompt_bucket,
             vae_decode_batch=settings.vae_decode_batch,
+            linear_fp8=settings.linear_fp8,
         )
 
 

@@ -1,4 +1,4 @@
-"""Lossless speed-ups, each selected by configuration.
+"""Speed-ups, each selected by configuration; all lossless but ``linear_fp8``.
 
 - ``compile``: ``torch.compile`` of the transformer's repeated blocks (regional
   compilation: one compiled graph serves all 30 main layers, so start-up compiles a block
@@ -15,6 +15,8 @@
 - ``fuse_projections`` (fusion.py): q/k/v and the FFN's w1/w3 as one GEMM each.
 - ``text_encoder_graphs`` (prompts.py, used by the engine): prompts at bucketed lengths,
   encoded by a CUDA graph per shape.
+- ``linear_fp8`` (fp8.py): the only LOSSY option, off by default: the blocks' projections
+  as FP8 GEMMs (per-row weight and per-token activation scales).
 - ``compile_cache_dir``: inductor's on-disk caches (FX graphs, Triton kernels) in a
   directory that outlives the process, so a restart loads compiled graphs instead of
   compiling them again.
@@ -59,6 +61,8 @@ def optimize_pipeline(pipe: Any, *, config: EngineConfig, device: Any) -> bool:
                 import torch
 
                 torch.cuda.empty_cache()  # the unfused weights' blocks
+    if config.linear_fp8:
+        quantize_lossy(pipe, config=config, device=device)
     # The text encoder is only read once per prompt: its KV cache is copying for nothing
     # (the embeddings are the same), and its per-layer state makes torch.compile
     # recompile each layer (36 variants, past the recompile limit).
@@ -75,6 +79,26 @@ def optimize_pipeline(pipe: Any, *, config: EngineConfig, device: Any) -> bool:
     if config.compile_text_encoder:
         compile_text_encoder(pipe)
     return True
+
+
+def quantize_lossy(pipe: Any, *, config: EngineConfig, device: Any) -> int:
+    """``linear_fp8`` (fp8.py), the one lossy option: after fusion, before compiling.
+    Returns how many layers now run in FP8 (0 where the option cannot apply)."""
+    from zimage_pipeline.engine.fp8 import quantize_linears, supports_fp8
+
+    if config.memory_mode is Placement.SEQUENTIAL_OFFLOAD:
+        # Offload hooks sit on each linear layer; the FP8 layers would have none.
+        log.warning("engine.linear_fp8 ignored with sequential offload")
+        return 0
+    if not supports_fp8(device):
+        log.warning("engine.linear_fp8 ignored: %s has no FP8 tensor cores", device)
+        return 0
+    replaced = quantize_linears(pipe.transformer)
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()  # the bf16 weights' blocks
+    return replaced
 
 
 def compile_pipeline(pipe: Any, *, mode: str | None) -> None:

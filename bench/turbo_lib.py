@@ -118,6 +118,8 @@ _ROUND3 = {
 VARIANTS: dict[str, dict[str, Any]] = {
     "opt": _ROUND3 | {"vae_decode_batch": 1},
     "whole_decode": _ROUND3 | {"vae_decode_batch": 4},  # run r3a's opt: one decoder call
+    # The LOSSY opt-in tier (engine/fp8.py); must run last (its layers are not undone).
+    "fp8": _ROUND3 | {"vae_decode_batch": 1, "linear_fp8": True},
     "base": {
         "real_rope": True,
         "compile_text_encoder": False,
@@ -286,9 +288,24 @@ def markdown(r: dict[str, Any]) -> str:
         warm = path.get("first_image_warm_cache")
         if warm:
             lines.append(
-                f"\n{name}: fresh process on a warm compile cache: first image at "
-                f"{_f(warm.get('time_to_first_image_s'), 1)} s (imports {_f(warm.get('import_s'), 1)}, "
-                f"build {_f(warm.get('build_s'), 1)}, warmup {_f(warm.get('warmup_s'), 1)})"
+                f"\n{name}: fresh process on a warm compile cache ({warm.get('model')}): first "
+                f"image at {_f(warm.get('time_to_first_image_s'), 1)} s (imports "
+                f"{_f(warm.get('import_s'), 1)}, build {_f(warm.get('build_s'), 1)}, load_engine "
+                f"{_f(warm.get('load_engine_s'), 1)}, warmup {_f(warm.get('warmup_s'), 1)}); "
+                f"{warm.get('load_log')}; compile cache {warm.get('compile_cache')}; "
+                f"then {[round(q['s_per_image'], 3) for q in warm.get('requests', [])]} s/image"
+            )
+        offload = path.get("model_offload")
+        if offload:
+            lines.append(
+                f"\n{name}: model_offload from disk: first image at "
+                f"{_f(offload.get('time_to_first_image_s'), 1)} s (first request "
+                f"{_f(offload.get('first_request_s'), 2)} s), then "
+                + "; ".join(
+                    f"batch {q['batch']}: {_f(q['s_per_image'], 2)} s/image, peak "
+                    f"{_f(q['peak_gib'], 1)} GiB ({_f(q['peak_reserved_gib'], 1)} reserved)"
+                    for q in offload.get("requests", [])
+                )
             )
         if path.get("prompt_encoder"):
             lines.append(f"\n{name}: prompt encoder {path['prompt_encoder']}")
@@ -300,10 +317,13 @@ def markdown(r: dict[str, Any]) -> str:
                     + "; ".join(f"{k['name'][:60]} {_f(k['ms'], 1)}" for k in prof["top"][:6])
                 )
         if path.get("lossless"):
-            lines.append(f"\n{name}: lossless {path['lossless']}")
+            tier = " (LOSSY opt-in tier: its errors are measured, the lossless checks are not its contract)"
+            lines.append(f"\n{name}: lossless {path['lossless']}" + (tier if "fp8" in name else ""))
     lines += ["", "Speed-up over the eager reference (s/image):", ""]
     for key, value in r.get("speedup", {}).items():
         lines.append(f"- {key}: {_f(value, 2)}x")
+    if r.get("disk"):
+        lines += ["", f"Model on local disk: {r['disk']}"]
     if r.get("notes"):
         lines += ["", *[f"- {n}" for n in r["notes"]]]
     return "\n".join(lines) + "\n"

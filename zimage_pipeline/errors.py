@@ -61,3 +61,12 @@ class JobBusyError(ZImageError):
 
     disposition = Disposition.RETRY
     reason = "IN_PROGRESS"
+
+
+class AttemptsExhaustedError(ZImageError):
+    """The request was started more often than `worker.max_job_attempts` allows: workers
+    keep dying while running it (a poison request) or keep losing it. It ends failed,
+    without running again, and its message goes to the DLQ for a person to look at."""
+
+    disposition = Disposition.FAIL
+    reason = "ATTEMPTS_EXHAUSTED"

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from zimage_pipeline.admission import STATUS_BY_REASON, RequestExpiredError, check_limits
 from zimage_pipeline.decoding import decode_request, peek_request_id
 from zimage_pipeline.errors import (
+    AttemptsExhaustedError,
     Disposition,
     InvalidRequestError,
     JobBusyError,
@@ -93,6 +94,9 @@ class ServiceConfig:
     # How often a job this worker holds is marked alive in the ledger (0: never). Well
     # under `worker.job_busy_s`, after which an untouched job counts as abandoned.
     heartbeat_s: float = 0.0
+    # A request started more often than this (retries, takeovers after crashes) ends
+    # failed ATTEMPTS_EXHAUSTED without running again (0: no limit).
+    max_job_attempts: int = 0
 
 
 @dataclass(slots=True)
@@ -235,6 +239,9 @@ class RequestService:
             created_at=begin.created_at or self._clock(),
         )
         self._audit(job, "received", self._received_payload(job))
+        limit = self._config.max_job_attempts
+        if limit and begin.attempts > limit:
+            return await self._give_up(job, limit)
         heartbeat = (
             asyncio.create_task(self._keep_alive(request.request_id))
             if self._config.heartbeat_s > 0
@@ -252,6 +259,18 @@ class RequestService:
             if heartbeat is not None:
                 heartbeat.cancel()
         return Outcome(result)
+
+    async def _give_up(self, job: _Job, limit: int) -> Outcome:
+        """End a request that workers keep dying on, without running it again. An
+        earlier start may hold a reservation and may have stored objects: both are
+        undone (release and discard are no-ops where there is nothing)."""
+        job.reserved = job.store_started = True
+        error = AttemptsExhaustedError(
+            f"request started {job.attempt} times, more than worker.max_job_attempts = "
+            f"{limit}: workers were lost while running it (it may crash them); not retried"
+        )
+        result = await self._finish_unsuccessful(job, error)
+        return Outcome(result, dead_letter=True)
 
     async def _keep_alive(self, request_id: str) -> None:
         """Heartbeat while this worker holds the job: a crashed worker's job is taken

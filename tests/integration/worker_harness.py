@@ -141,7 +141,10 @@ async def running_worker(
     gpu = ThreadPoolExecutor(max_workers=1)
     io = ThreadPoolExecutor(max_workers=4)
     service = RequestService(
-        ports, ServiceConfig(worker_id=worker_id), gpu_executor=gpu, io_executor=io
+        ports,
+        ServiceConfig(worker_id=worker_id, max_job_attempts=settings.worker.max_job_attempts),
+        gpu_executor=gpu,
+        io_executor=io,
     )
     worker = Worker(
         connect=lambda: connect(settings.broker, name="test-worker"),

@@ -33,7 +33,9 @@ from zimage_pipeline.service import (
 POOL = ThreadPoolExecutor(max_workers=2)
 
 
-def make(heartbeat_s: float = 0.0, **overrides: Any) -> tuple[RequestService, Ports]:
+def make(
+    heartbeat_s: float = 0.0, max_job_attempts: int = 0, **overrides: Any
+) -> tuple[RequestService, Ports]:
     ledger = fake_ledger(daily=3)
     ports = Ports(
         jobs=ledger.jobs,
@@ -48,7 +50,7 @@ def make(heartbeat_s: float = 0.0, **overrides: Any) -> tuple[RequestService, Po
         setattr(ports, name, value)
     return RequestService(
         ports,
-        ServiceConfig(worker_id="w1", heartbeat_s=heartbeat_s),
+        ServiceConfig(worker_id="w1", heartbeat_s=heartbeat_s, max_job_attempts=max_job_attempts),
         gpu_executor=POOL,
         io_executor=POOL,
     ), ports
@@ -191,6 +193,41 @@ async def test_failure_before_any_upload_queues_no_discard() -> None:
     result = (await service.handle(body(num_images=4), principal="alice")).result
     assert result.reason == "QUOTA_EXCEEDED"
     assert ports.ledger.discards == set()  # type: ignore[attr-defined]
+
+
+async def test_request_started_too_often_ends_failed_without_running_again() -> None:
+    service, ports = make(max_job_attempts=2)
+    request = decode_request(body())
+    for worker in ("w-dead-1", "w-dead-2"):  # two starts whose workers died mid-request
+        ports.jobs.begin(
+            request_id="r1",
+            payload_sha256=payload_digest(request),
+            principal="alice",
+            on_behalf_of="alice",
+            worker_id=worker,
+        )
+    outcome = await service.handle(body(), principal="alice")
+    assert (outcome.result.status, outcome.result.reason) == (Status.FAILED, "ATTEMPTS_EXHAUSTED")
+    assert "started 3 times" in (outcome.result.message or "")
+    assert outcome.dead_letter  # the poison goes to the DLQ for a person to look at
+    assert not ports.engine.calls  # type: ignore[attr-defined]
+    events = [e for _, e in ports.audit.events]  # type: ignore[attr-defined]
+    assert events == ["received", "quota_released", "failed"]
+    again = await service.handle(body(), principal="alice")  # a later redelivery
+    assert again.republished and again.result == outcome.result
+
+
+async def test_request_within_its_attempts_runs() -> None:
+    service, ports = make(max_job_attempts=2)
+    request = decode_request(body())
+    ports.jobs.begin(
+        request_id="r1",
+        payload_sha256=payload_digest(request),
+        principal="alice",
+        on_behalf_of="alice",
+        worker_id="w-dead",
+    )
+    assert (await service.handle(body(), principal="alice")).result.status is Status.SUCCEEDED
 
 
 async def test_missing_publisher_identity_is_rejected() -> None:

@@ -90,3 +90,8 @@ def test_password_in_database_url_is_refused(tmp_path: Path) -> None:
 def test_missing_config_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_job_attempts_must_leave_room_for_the_transient_retries() -> None:
+    with pytest.raises(ConfigError, match=r"max_job_attempts \(5\) must exceed"):
+        load_settings(worker={"max_attempts": 5, "max_job_attempts": 5})

@@ -73,6 +73,7 @@ async def run_worker(
             worker_id=worker_id,
             max_body_bytes=settings.worker.max_body_bytes,
             heartbeat_s=settings.worker.job_busy_s / 4,
+            max_job_attempts=settings.worker.max_job_attempts,
         ),
         gpu_executor=gpu,
         io_executor=io,

@@ -8,6 +8,8 @@ real consumer. ZIMAGE_FAULT (JSON) wraps ports or patches the consumer, in this 
 only (the production package knows nothing of it):
 
     generate_delay_s   sleep this long in every generation (makes "mid-generation" last)
+    crash_on_prompt    SIGKILL when asked to generate a prompt containing this text (a
+                       request that kills every worker that runs it)
     kill               "after_store"    SIGKILL once the objects are stored, before the
                                         ledger commit
                        "before_publish" SIGKILL once the ledger has the result, before it
@@ -59,6 +61,21 @@ class SlowEngine:
         return self._inner.generate(specs)
 
 
+class CrashingEngine:
+    def __init__(self, inner: Engine, marker: str) -> None:
+        self._inner = inner
+        self._marker = marker
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return self._inner.identity
+
+    def generate(self, specs: Sequence[ImageSpec]) -> list[RawImage]:
+        if any(self._marker in s.prompt for s in specs):
+            die(f"generating a prompt with {self._marker!r}")
+        return self._inner.generate(specs)
+
+
 class KillAfterStore:
     def __init__(self, inner: Store) -> None:
         self._inner = inner
@@ -92,6 +109,8 @@ def inject(wiring: Wiring, faults: Mapping[str, Any]) -> Wiring:
     ports = wiring.ports
     if faults.get("generate_delay_s"):
         ports = replace(ports, engine=SlowEngine(ports.engine, float(faults["generate_delay_s"])))
+    if faults.get("crash_on_prompt"):
+        ports = replace(ports, engine=CrashingEngine(ports.engine, str(faults["crash_on_prompt"])))
     kill = faults.get("kill")
     if kill is not None and kill not in KILL_POINTS:
         raise SystemExit(f"unknown kill point {kill!r}; one of {KILL_POINTS}")

@@ -58,6 +58,7 @@ def matrix_settings(tiny_model: Path, ledger_url: str, **sections: Mapping[str, 
             "job_busy_s": JOB_BUSY_S,
             "retry_delays_s": [1],
             "max_attempts": 10,
+            "max_job_attempts": 100,  # above any case's max_attempts (directory down: 60)
         },
         "database": {"url": ledger_url},
         "engine": {"model_path": str(tiny_model), "device": "cpu"},

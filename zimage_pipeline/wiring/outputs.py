@@ -131,17 +131,18 @@ class S3Store:
             for i, image in enumerate(images)
         ]
         record_key = audit_record_key(self._prefix, created_at, request.request_id)
+        digests = [wire.sha256_digests(image.data) for image in images]
         uploads = [
-            self._uploads.submit(self._put_image, key, image, request, audit_record)
-            for key, image in zip(keys, images, strict=True)
+            self._uploads.submit(self._put_image, key, image, digest, request, audit_record)
+            for key, image, digest in zip(keys, images, digests, strict=True)
         ]
         if first_attempt:
             # No earlier attempt can have stored anything, so no image is adopted: each
             # keeps the digest computed here, and the record naming them goes up beside
             # them. On a retry the record waits for the images (one may be adopted).
             planned = [
-                StoredObjectRef("", key, None, wire.sha256_digests(image.data)[0], len(image.data))
-                for key, image in zip(keys, images, strict=True)
+                StoredObjectRef("", key, None, digest[0], len(image.data))
+                for key, image, digest in zip(keys, images, digests, strict=True)
             ]
             record = self._uploads.submit(
                 self._put_record, record_key, request.request_id, audit_record, planned
@@ -162,6 +163,7 @@ class S3Store:
         self,
         key: str,
         image: EncodedImage,
+        digests: tuple[str, str],
         request: GenerationRequest,
         audit_record: Mapping[str, Any],
     ) -> StoredObjectRef:
@@ -170,6 +172,7 @@ class S3Store:
             stored = self._store.put_object(
                 key,
                 image.data,
+                digests=digests,
                 content_type=CONTENT_TYPES[fmt],
                 metadata={
                     "request-id": request.request_id,

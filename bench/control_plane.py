@@ -353,8 +353,8 @@ def main() -> None:
     parser.add_argument(
         "--h100-images-per-s",
         type=float,
-        default=1.22,
-        help="one H100's sustained rate (bench/results/turbo_h100_r2.json, batch 4)",
+        default=1.26,
+        help="one H100's rate, lossless default engine (bench/results/turbo_h100_r4.md, batch 4)",
     )
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench" / "results" / "control_plane.json"

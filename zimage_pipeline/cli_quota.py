@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from zimage_pipeline.ledger.quota import QuotaLedger
     from zimage_pipeline.ledger.quota_types import QuotaStatus
     from zimage_pipeline.policy import EffectivePolicy, QuotaLimits
+    from zimage_pipeline.wiring.quota_admin import AuditedQuotaAdmin
 
 ConfigOption = Annotated[
     Path | None,
@@ -70,8 +71,8 @@ def register(
             _fail("give --day and/or --month, or --clear alone")
         settings = load(config)
         key = _subject_key(subject)
-        with _ledger(settings) as ledger:
-            ledger.set_limit(
+        with _admin(settings) as admin:
+            admin.set_limit(
                 key, images_per_day=day, images_per_month=month, actor=_actor(actor), note=note
             )
         typer.echo(f"{key}: " + ("override removed" if clear else f"day={day} month={month}"))
@@ -88,15 +89,16 @@ def register(
         note: NoteOption = None,
         config: ConfigOption = None,
     ) -> None:
-        """Grant a one-off top-up to the current day or month (audited as an entry)."""
+        """Grant a one-off top-up to the current day or month (a ledger entry and an audit
+        event)."""
         from zimage_pipeline.ledger.quota_types import Window
 
         if window not in {w.value for w in Window}:
             _fail("--window must be day or month")
         settings = load(config)
         key = _subject_key(subject)
-        with _ledger(settings) as ledger:
-            done = ledger.grant(
+        with _admin(settings) as admin:
+            done = admin.grant(
                 key,
                 images,
                 window=Window(window),
@@ -146,9 +148,16 @@ def _actor(actor: str | None) -> str:
 
 @contextmanager
 def _ledger(settings: Settings) -> Iterator[QuotaLedger]:
+    with _admin(settings) as admin:
+        yield admin.quota
+
+
+@contextmanager
+def _admin(settings: Settings) -> Iterator[AuditedQuotaAdmin]:
+    """The quota ledger with the audit chain: changes are written with their event."""
     from zimage_pipeline.ledger import migrate
     from zimage_pipeline.ledger.db import create_ledger_engine
-    from zimage_pipeline.ledger.quota import QuotaLedger
+    from zimage_pipeline.wiring.quota_admin import AuditedQuotaAdmin
 
     engine = create_ledger_engine(settings.database)
     try:
@@ -160,7 +169,7 @@ def _ledger(settings: Settings) -> Iterator[QuotaLedger]:
             _fail(
                 f"ledger schema at {current or 'empty'}, need {head}: run `zimage-pipeline db upgrade`"
             )
-        yield QuotaLedger(engine)
+        yield AuditedQuotaAdmin(engine, settings.audit)
     except ZImageError as exc:
         _fail(f"{exc.reason}: {exc}")
     finally:

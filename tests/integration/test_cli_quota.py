@@ -80,6 +80,26 @@ def test_set_and_grant_change_what_show_reports(cli: tuple[CliRunner, dict[str, 
     code, output = run(cli, "quota", "show", DESIGN, "--json")
     assert json.loads(output)["windows"][0]["limit"] == 200  # back to the policy file's
 
+    # Each change is in the audit chain with its actor, found by the group it concerns;
+    # the repeated grant (same --id) added nothing.
+    code, output = run(cli, "audit", "query", "--group", DESIGN, "--format", "jsonl")
+    assert code == 0, output
+    changes = [json.loads(line) for line in output.splitlines()]
+    assert sorted(c["status"] for c in changes) == ["quota_granted", *["quota_limit_set"] * 2]
+    assert "grant:t1" in {c["request_id"] for c in changes}
+    assert {c["principal"] for c in changes} >= {"ops"}
+    assert run(cli, "audit", "verify")[0] == 0
+
+
+def test_quota_change_for_a_user_is_audited_under_the_user(
+    cli: tuple[CliRunner, dict[str, str]],
+) -> None:
+    assert run(cli, "quota", "grant", "bob", "5", "--actor", "ops", "--note", "launch")[0] == 0
+    code, output = run(cli, "audit", "query", "--user", "bob", "--format", "jsonl")
+    assert code == 0, output
+    (change,) = [json.loads(line) for line in output.splitlines()]
+    assert (change["status"], change["principal"]) == ("quota_granted", "ops")
+
 
 def test_bad_arguments_and_an_unmigrated_ledger_are_refused(
     cli: tuple[CliRunner, dict[str, str]], tmp_path: Path

@@ -56,6 +56,8 @@ EVENT_TYPES = frozenset(
         "cancelled",
         "expired",
         "outputs_discarded",
+        "quota_limit_set",
+        "quota_granted",
     }
 )
 PROMPT_FIELDS = ("prompt", "negative_prompt")

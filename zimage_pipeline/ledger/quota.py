@@ -234,14 +234,23 @@ class QuotaLedger:
         images_per_month: int | None,
         actor: str,
         note: str | None = None,
+        change_id: str | None = None,
+        connection: Connection | None = None,
     ) -> None:
-        """Override the policy's limits of a subject; None for both removes the override."""
-        run_write(
-            self._engine,
+        """Override the policy's limits of a subject; None for both removes the override.
+        `change_id`: the entry's id (default `admin:<uuid>`); `connection`: join the
+        caller's write transaction."""
+        self._run(
             lambda c: quota_admin.set_limit(
-                c, subject, images_per_day, images_per_month, actor=actor, note=note
+                c,
+                subject,
+                images_per_day,
+                images_per_month,
+                actor=actor,
+                note=note,
+                change_id=change_id,
             ),
-            deadline_s=self._deadline_s,
+            connection,
         )
 
     def grant(
@@ -254,16 +263,17 @@ class QuotaLedger:
         note: str | None = None,
         grant_id: str | None = None,
         now: datetime | None = None,
+        connection: Connection | None = None,
     ) -> bool:
-        """A one-off top-up of the current period of `window`; recorded as an entry.
-        With a `grant_id`, repeating the same grant is a no-op (returns False)."""
+        """A one-off top-up of the current period of `window`; recorded as an entry
+        (`grant:<grant_id>`). With a `grant_id`, repeating the same grant is a no-op
+        (returns False). `connection`: join the caller's write transaction."""
         at = as_utc(now or utcnow())
-        return run_write(
-            self._engine,
+        return self._run(
             lambda c: quota_admin.grant(
                 c, subject, images, window, at, actor=actor, note=note, grant_id=grant_id
             ),
-            deadline_s=self._deadline_s,
+            connection,
         )
 
     # -- internals --------------------------------------------------------------------------

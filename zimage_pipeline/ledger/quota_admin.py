@@ -74,6 +74,7 @@ def set_limit(
     *,
     actor: str,
     note: str | None,
+    change_id: str | None = None,
 ) -> None:
     for value in (images_per_day, images_per_month):
         if value is not None and value < 0:
@@ -99,7 +100,7 @@ def set_limit(
         )
     append_entry(
         connection,
-        request_id=f"admin:{uuid.uuid4().hex}",
+        request_id=change_id or f"admin:{uuid.uuid4().hex}",
         kind=EntryKind.SET_LIMIT,
         subject=subject,
         images=0,

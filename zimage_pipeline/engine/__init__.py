@@ -10,9 +10,11 @@ Importing this package does not import torch; load_engine does.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
+from typing import Any
 
 from zimage_pipeline.engine.config import EngineConfig, Placement, compute_dtype, resolve_device
 from zimage_pipeline.engine.encode import encode_image
@@ -49,6 +51,17 @@ __all__ = [
 ]
 
 
+def lossy_identity(identity: ModelIdentity, transformer: Any) -> ModelIdentity:
+    """The FP8 tier's images are not the model's own output: its name says so in the
+    result, the audit record and the image's provenance (`...+fp8-lossy`), so nobody
+    mistakes one for the other. The weights digest stays the checkpoint's."""
+    from zimage_pipeline.engine.fp8 import LOSSY_SUFFIX, runs_fp8
+
+    if not runs_fp8(transformer) or identity.name.endswith(LOSSY_SUFFIX):
+        return identity
+    return dataclasses.replace(identity, name=identity.name + LOSSY_SUFFIX)
+
+
 def load_engine(config: EngineConfig) -> TurboEngine:
     """Locate, identify, load, place and optimize the model (no warmup; call warmup()).
 
@@ -76,6 +89,8 @@ def load_engine(config: EngineConfig) -> TurboEngine:
     marks.append(time.perf_counter())
     set_attention_backend(pipe, config.attention_backend)
     compiled = optimize_pipeline(pipe, config=config, device=device)
+    if config.linear_fp8:
+        identity = lossy_identity(identity, pipe.transformer)
     marks.append(time.perf_counter())
     steps = [b - a for a, b in itertools.pairwise(marks)]
     log.info(

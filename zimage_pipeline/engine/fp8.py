@@ -122,3 +122,12 @@ def quantize_linears(transformer: Any) -> int:
                 replaced += 1
     log.warning("engine.linear_fp8: %d block projections run in FP8 (lossy)", replaced)
     return replaced
+
+
+LOSSY_SUFFIX = "+fp8-lossy"
+
+
+def runs_fp8(transformer: Any) -> bool:
+    """Whether any layer of the transformer runs in FP8 (the option applied)."""
+    cls = fp8_linear_class()
+    return any(isinstance(m, cls) for m in transformer.modules())

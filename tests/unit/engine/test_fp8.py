@@ -78,3 +78,6 @@ def test_engine_runs_the_blocks_in_fp8(make_engine: Callable[..., TurboEngine]) 
     assert 1e-4 < _rel(out, ref_out) < 0.1
     [image] = engine.generate([spec])
     assert image.image.size == (SIZE, SIZE)
+    # Its images say they are the lossy tier's, wherever the model identity goes.
+    assert engine.identity.name == reference.identity.name + "+fp8-lossy"
+    assert engine.identity.weights_sha256 == reference.identity.weights_sha256

@@ -65,6 +65,8 @@ from zimage_pipeline.results import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# The audit trail's id for a message that could not be answered under a request id.
+UNIDENTIFIED_PREFIX = "unidentified-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +302,7 @@ class RequestService:
         answer, a later real request under that id is a REQUEST_ID_CONFLICT."""
         request_id = peek_request_id(body, max_bytes=self._config.max_body_bytes)
         if not request_id or not principal:
+            await self._audit_unidentified(body, error, principal=principal, claimed=request_id)
             return Outcome(rejected("", error), dead_letter=True)
         begin = await self._io(
             self._p.jobs.begin,
@@ -313,6 +316,7 @@ class RequestService:
             stored = GenerationResult.model_validate(begin.result)
             return Outcome(stored, dead_letter=True, republished=True)
         if begin.kind is not BeginKind.NEW:  # the id is another request's
+            await self._audit_unidentified(body, error, principal=principal, claimed=request_id)
             return Outcome(rejected("", error), dead_letter=True)
         result = rejected(request_id, error)
         denied = AuditRecord(
@@ -336,6 +340,28 @@ class RequestService:
             audit=[denied],
         )
         return Outcome(result, dead_letter=True)
+
+    async def _audit_unidentified(
+        self, body: bytes, error: InvalidRequestError, *, principal: str | None, claimed: str | None
+    ) -> None:
+        """A message answered without a request id still leaves a trail: a `denied` event
+        under `unidentified-<sha256 of the bytes>` (the same bytes, the same id), naming
+        who published it, why it was refused and the id it claimed, if any."""
+        digest = hashlib.sha256(body).hexdigest()
+        await self._io(
+            self._p.audit.append,
+            request_id=f"{UNIDENTIFIED_PREFIX}{digest[:32]}",
+            event_type="denied",
+            actor=principal or "unauthenticated",
+            payload={
+                "principal": principal,
+                "reason": error.reason,
+                "message": str(error),
+                "body_sha256": digest,
+                "bytes": len(body),
+                "claimed_request_id": claimed or None,
+            },
+        )
 
     def _received_payload(self, job: _Job) -> dict[str, Any]:
         # Keys the audit index understands (user, principal, labels, prompt, ...); the

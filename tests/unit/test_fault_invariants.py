@@ -295,3 +295,10 @@ def test_a_pre_ledger_rejection_leaves_only_its_published_event(books: Books) ->
     assert problems_of(books) == []
     books.event("junk-1", "quota_reserved", {"images": 1})
     assert_named(problems_of(books), "junk-1: audit events", "without a job row")
+
+
+def test_an_unidentified_message_leaves_only_its_denied_event(books: Books) -> None:
+    books.event("unidentified-0f0f", "denied", {"reason": "INVALID_REQUEST"})
+    assert problems_of(books) == []
+    books.event("unidentified-0f0f", "stored", {"objects": []})
+    assert_named(problems_of(books), "unidentified-0f0f: audit events", "without a job row")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -287,3 +288,18 @@ async def test_a_malformed_message_claims_a_free_id_but_never_answers_under_a_ta
     stranger = await service.handle(bad, principal="bob")
     assert stranger.dead_letter and stranger.result.request_id == ""
     assert ledger.jobs.rows["r-taken"]["status"] == "succeeded"  # type: ignore[attr-defined]
+    # ... and it leaves its trail under an id of its own bytes, naming what it claimed.
+    assert ("unidentified-" + hashlib.sha256(bad).hexdigest()[:32], "denied") in (
+        ports.audit.events  # type: ignore[attr-defined]
+    )
+
+
+async def test_a_message_without_a_readable_id_is_audited_under_its_digest() -> None:
+    service, ports = make()
+    junk = b"\xff not json"
+    outcome = await service.handle(junk, principal="mallory")
+    assert outcome.dead_letter and outcome.result.request_id == ""
+    assert outcome.result.reason == "INVALID_REQUEST"
+    expected = ("unidentified-" + hashlib.sha256(junk).hexdigest()[:32], "denied")
+    assert ports.audit.events == [expected]  # type: ignore[attr-defined]
+    assert ports.jobs.rows == {}  # type: ignore[attr-defined]  # no job for junk

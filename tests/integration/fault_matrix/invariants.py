@@ -272,9 +272,14 @@ def _audit(world: World) -> list[str]:
         by_request[event.request_id].append(event)
     for rid in sorted(set(by_request) - set(world.jobs)):
         # A message rejected before the ledger (not a valid request) leaves only the
-        # record that its rejection was published; anything more is a trail without a job.
+        # record that its rejection was published, or, answered without any id, its
+        # `denied` event under `unidentified-<digest>`; anything more is a trail without
+        # a job.
         trail = {(e.event_type, str(e.payload.get("status"))) for e in by_request[rid]}
-        if trail != {("published", "rejected")}:
+        allowed = (
+            {("denied", "None")} if rid.startswith("unidentified-") else {("published", "rejected")}
+        )
+        if trail != allowed:
             problems.append(f"{rid}: audit events {sorted(trail)} without a job row")
     for rid, job in sorted(world.jobs.items()):
         events = by_request.get(rid, [])

@@ -4,6 +4,7 @@ dead-lettered with that reason; every good one succeeds; the queue never stalls.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from collections import Counter
@@ -111,6 +112,12 @@ async def test_poison_stream_is_rejected_and_dead_lettered_good_ones_succeed(
             context,
         )
     world = assert_invariants(settings, tap.results, expected=good_ids)
+    # Each answer without an id left a `denied` event under the bad bytes' digest.
+    unidentified = [e for e in world.events if e.request_id.startswith("unidentified-")]
+    without_id = [r for r in tap.results if r["request_id"] == ""]
+    assert without_id and len(unidentified) == len(without_id), context
+    digests = {hashlib.sha256(p.body).hexdigest() for p in poisons}
+    assert {e.payload["body_sha256"] for e in unidentified} <= digests, context
     # A bad message with a readable id holds that id as its own rejected request (so a
     # later request cannot reuse it and a redelivery gets the same answer); none ran.
     assert set(world.jobs) >= good_ids, context

@@ -343,13 +343,15 @@ class FakeLedger:
         release: bool,
         audit: Sequence[AuditRecord],
         discard_outputs: bool = False,
+        release_event: AuditRecord | None = None,
     ) -> None:
+        held = release and request_id in self.quota.reserved
         if release:
             self.quota.release(request_id, reason)
         self.jobs.finish(request_id, status, reason=reason, result=result)
         if discard_outputs:
             self.discards.add(request_id)
-        self.audit.append_many(audit)
+        self.audit.append_many([*audit, release_event] if held and release_event else audit)
 
     def outputs_discarded(self, request_id: str, *, keys: Sequence[str], actor: str) -> bool:
         if request_id not in self.discards:

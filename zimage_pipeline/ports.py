@@ -245,10 +245,13 @@ class Ledger(Protocol):
         release: bool,
         audit: Sequence[AuditRecord],
         discard_outputs: bool = False,
+        release_event: AuditRecord | None = None,
     ) -> None:
         """End the job unsuccessfully: give back its reservation (`release`), store the
-        terminal `result`, append `audit`; `discard_outputs`: its upload had begun, so
-        queue the deletion of whatever it stored (see `outputs_discarded`)."""
+        terminal `result`, append `audit`, then `release_event` only if the job did hold
+        a reservation (the trail must not claim a release that never was);
+        `discard_outputs`: its upload had begun, so queue the deletion of whatever it
+        stored (see `outputs_discarded`)."""
         ...
 
     def outputs_discarded(self, request_id: str, *, keys: Sequence[str], actor: str) -> bool:

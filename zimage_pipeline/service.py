@@ -422,8 +422,6 @@ class RequestService:
         if status is None:
             status = Status.REJECTED if error.disposition is Disposition.REJECT else Status.FAILED
             status = STATUS_BY_REASON.get(error.reason, status)
-        if job.reserved:
-            self._audit(job, "quota_released", {"reason": error.reason})
         result = rejected(job.request.request_id, error, status=status).model_copy(
             update={
                 "on_behalf_of": job.request.on_behalf_of,
@@ -446,6 +444,9 @@ class RequestService:
             release=job.reserved,
             audit=list(job.pending_audit),
             discard_outputs=job.store_started,
+            release_event=AuditRecord(
+                job.request.request_id, "quota_released", job.principal, {"reason": error.reason}
+            ),
         )
         job.pending_audit = []
         if job.store_started and discard_now:

@@ -173,7 +173,7 @@ async def test_storage_lost_mid_request_discards_the_partial_upload() -> None:
     assert store.objects == {}  # image 0 was stored, then deleted
     assert ports.ledger.discards == set()  # type: ignore[attr-defined]
     events = [e for _, e in ports.audit.events]  # type: ignore[attr-defined]
-    assert events[-2:] == ["failed", "outputs_discarded"]
+    assert events[-3:] == ["failed", "quota_released", "outputs_discarded"]
     assert not ports.ledger.quota.committed  # type: ignore[attr-defined]
 
 
@@ -213,7 +213,7 @@ async def test_request_started_too_often_ends_failed_without_running_again() -> 
     assert outcome.dead_letter  # the poison goes to the DLQ for a person to look at
     assert not ports.engine.calls  # type: ignore[attr-defined]
     events = [e for _, e in ports.audit.events]  # type: ignore[attr-defined]
-    assert events == ["received", "quota_released", "failed"]
+    assert events == ["received", "failed"]  # no hold was left: no release recorded
     again = await service.handle(body(), principal="alice")  # a later redelivery
     assert again.republished and again.result == outcome.result
 

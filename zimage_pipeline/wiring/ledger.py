@@ -124,17 +124,18 @@ class LedgerUnits:
         release: bool,
         audit: Sequence[AuditRecord],
         discard_outputs: bool = False,
+        release_event: AuditRecord | None = None,
     ) -> None:
 
         def work(connection: Connection) -> None:
-            if release:
-                self._quota.release(request_id, reason, connection=connection)
+            held = release and self._quota.release(request_id, reason, connection=connection)
             self._jobs.finish(
                 request_id, status, reason=reason, result=result, connection=connection
             )
             if discard_outputs:
                 self._discards.request(request_id, connection=connection)
-            self._audit.append_many(audit, connection=connection)
+            events = [*audit, release_event] if held and release_event else audit
+            self._audit.append_many(events, connection=connection)
 
         run_write(self._engine, work)
 

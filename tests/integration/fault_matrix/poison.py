@@ -49,8 +49,10 @@ def random_bytes(rng: random.Random, n: int) -> Poison:
 
 
 def truncated_json(rng: random.Random, n: int) -> Poison:
-    body = _dumps(_base(rng, n))
-    return Poison(body[: rng.randint(1, len(body) - 1)], "not valid JSON")
+    text = _dumps(_base(rng, n)).decode()
+    # Cut between characters, not inside one: a cut multi-byte character would make the
+    # body invalid UTF-8 (rejected as that, rightly), not the truncated JSON meant here.
+    return Poison(text[: rng.randint(1, len(text) - 1)].encode(), "not valid JSON")
 
 
 def not_an_object(rng: random.Random, n: int) -> Poison:

@@ -13,9 +13,19 @@ from sqlalchemy import Engine
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
+def script_location() -> Path:
+    """The source checkout's migrations/ (development, editable installs), else the copy
+    an installed package ships as `zimage_pipeline._migrations` (pyproject.toml)."""
+    source = PROJECT_ROOT / "migrations"
+    if (source / "env.py").is_file():
+        return source
+    return Path(__file__).resolve().parents[1] / "_migrations"
+
+
 def alembic_config() -> Config:
-    config = Config(str(PROJECT_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
+    ini = PROJECT_ROOT / "alembic.ini"
+    config = Config(str(ini)) if ini.is_file() else Config()
+    config.set_main_option("script_location", str(script_location()))
     return config
 
 

@@ -21,11 +21,13 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Row, Table, insert, select, update
+from sqlalchemy import Connection, Engine, Row, Table, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from zimage_pipeline.errors import Disposition, ZImageError
 from zimage_pipeline.ledger.models import Job, JobStatus
-from zimage_pipeline.ledger.txn import as_utc, run_read, run_write, utcnow
+from zimage_pipeline.ledger.txn import as_utc, is_sqlite, run_read, run_write, utcnow
 
 __all__ = [
     "BeginKind",
@@ -128,22 +130,28 @@ class JobStore:
 
         def work(connection: Connection) -> JobBegin:
             at = utcnow()
-            job = _load(connection, request_id)
-            if job is None:
-                connection.execute(
-                    insert(JOBS).values(
-                        request_id=request_id,
-                        payload_sha256=payload_sha256,
-                        principal=principal,
-                        on_behalf_of=on_behalf_of,
-                        status=JobStatus.RECEIVED.value,
-                        attempts=1,
-                        worker_id=worker_id,
-                        created_at=at,
-                        updated_at=at,
-                    )
+            # The common case, a new request, in one statement: insert unless the id is
+            # taken, and get the row back (a taken id inserts nothing and returns none).
+            dialect_insert = sqlite_insert if is_sqlite(connection) else pg_insert
+            created = connection.execute(
+                dialect_insert(JOBS)
+                .values(
+                    request_id=request_id,
+                    payload_sha256=payload_sha256,
+                    principal=principal,
+                    on_behalf_of=on_behalf_of,
+                    status=JobStatus.RECEIVED.value,
+                    attempts=1,
+                    worker_id=worker_id,
+                    created_at=at,
+                    updated_at=at,
                 )
-                return JobBegin(BeginKind.NEW, _require(connection, request_id))
+                .on_conflict_do_nothing(index_elements=[JOBS.c.request_id])
+                .returning(*JOBS.c)
+            ).first()
+            if created is not None:
+                return JobBegin(BeginKind.NEW, _record(created))
+            job = _require(connection, request_id)
             # A different publisher reusing an id must not be handed someone else's result.
             if (job.payload_sha256, job.principal, job.on_behalf_of) != (
                 payload_sha256,

@@ -15,11 +15,9 @@ from datetime import datetime
 from typing import cast
 
 from sqlalchemy import Connection, Engine, Table, delete, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from zimage_pipeline.ledger.models import Job, OutputDiscard
-from zimage_pipeline.ledger.txn import as_utc, is_sqlite, run_read, run_write, utcnow
+from zimage_pipeline.ledger.txn import as_utc, run_read, run_write, upsert_insert, utcnow
 
 DISCARDS = cast(Table, OutputDiscard.__table__)
 JOBS = cast(Table, Job.__table__)
@@ -38,20 +36,15 @@ class DiscardQueue:
 
     def request(self, request_id: str, *, connection: Connection) -> None:
         """Queue a discard inside the caller's transaction (idempotent)."""
-        dialect_insert = sqlite_insert if is_sqlite(connection) else pg_insert
         connection.execute(
-            dialect_insert(DISCARDS)
+            upsert_insert(connection, DISCARDS)
             .values(request_id=request_id, requested_at=utcnow(), attempts=0)
             .on_conflict_do_nothing(index_elements=[DISCARDS.c.request_id])
         )
 
-    def get(self, request_id: str) -> PendingDiscard | None:
-        rows = run_read(self._engine, lambda c: _pending(c, request_id=request_id, limit=1))
-        return rows[0] if rows else None
-
     def pending(self, *, limit: int) -> list[PendingDiscard]:
         """The oldest queued discards first."""
-        return run_read(self._engine, lambda c: _pending(c, request_id=None, limit=limit))
+        return run_read(self._engine, lambda c: _pending(c, limit=limit))
 
     def settle(self, request_id: str, *, connection: Connection) -> bool:
         """Remove the discard inside the caller's transaction; False if another worker's
@@ -70,15 +63,13 @@ class DiscardQueue:
         run_write(self._engine, work)
 
 
-def _pending(connection: Connection, *, request_id: str | None, limit: int) -> list[PendingDiscard]:
+def _pending(connection: Connection, *, limit: int) -> list[PendingDiscard]:
     query = (
         select(DISCARDS.c.request_id, DISCARDS.c.attempts, JOBS.c.created_at)
         .join(JOBS, JOBS.c.request_id == DISCARDS.c.request_id)
         .order_by(DISCARDS.c.requested_at)
         .limit(limit)
     )
-    if request_id is not None:
-        query = query.where(DISCARDS.c.request_id == request_id)
     return [
         PendingDiscard(row.request_id, as_utc(row.created_at), row.attempts)
         for row in connection.execute(query)

@@ -22,12 +22,10 @@ from enum import StrEnum
 from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, Row, Table, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from zimage_pipeline.errors import Disposition, ZImageError
 from zimage_pipeline.ledger.models import Job, JobStatus
-from zimage_pipeline.ledger.txn import as_utc, is_sqlite, run_read, run_write, utcnow
+from zimage_pipeline.ledger.txn import as_utc, run_read, run_write, upsert_insert, utcnow
 
 __all__ = [
     "BeginKind",
@@ -132,9 +130,8 @@ class JobStore:
             at = utcnow()
             # The common case, a new request, in one statement: insert unless the id is
             # taken, and get the row back (a taken id inserts nothing and returns none).
-            dialect_insert = sqlite_insert if is_sqlite(connection) else pg_insert
             created = connection.execute(
-                dialect_insert(JOBS)
+                upsert_insert(connection, JOBS)
                 .values(
                     request_id=request_id,
                     payload_sha256=payload_sha256,

@@ -10,8 +10,6 @@ import uuid
 from datetime import datetime
 
 from sqlalchemy import Connection, delete, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from zimage_pipeline.ledger.quota_rows import (
     COUNTERS,
@@ -31,7 +29,7 @@ from zimage_pipeline.ledger.quota_types import (
     WindowUsage,
     periods,
 )
-from zimage_pipeline.ledger.txn import as_utc, is_sqlite, utcnow
+from zimage_pipeline.ledger.txn import as_utc, upsert_insert, utcnow
 from zimage_pipeline.policy import QuotaLimits
 
 
@@ -90,8 +88,7 @@ def set_limit(
             "updated_by": actor,
             "updated_at": at,
         }
-        dialect_insert = sqlite_insert if is_sqlite(connection) else pg_insert
-        statement = dialect_insert(LIMITS).values(**values)
+        statement = upsert_insert(connection, LIMITS).values(**values)
         connection.execute(
             statement.on_conflict_do_update(
                 index_elements=[LIMITS.c.subject],

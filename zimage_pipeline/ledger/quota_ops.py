@@ -5,8 +5,6 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from zimage_pipeline.ledger.quota_rows import (
     COUNTERS,
@@ -26,7 +24,7 @@ from zimage_pipeline.ledger.quota_types import (
     Window,
     periods,
 )
-from zimage_pipeline.ledger.txn import is_sqlite
+from zimage_pipeline.ledger.txn import upsert_insert
 from zimage_pipeline.policy import QuotaLimits
 
 
@@ -46,9 +44,8 @@ def reserve_rows(
     # The reservation row goes in first, under the counter locks: its unique request_id
     # is the idempotency check (a redelivery finds its own reservation and charges
     # nothing). A refusal below rolls the whole transaction back, this row included.
-    dialect_insert = sqlite_insert if is_sqlite(connection) else pg_insert
     inserted = connection.execute(
-        dialect_insert(RESERVATIONS)
+        upsert_insert(connection, RESERVATIONS)
         .values(
             request_id=request_id,
             subjects=subjects,

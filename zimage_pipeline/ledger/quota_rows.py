@@ -7,8 +7,6 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Connection, Row, Table, insert, select, tuple_
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from zimage_pipeline.ledger.models import QuotaCounter, QuotaEntry, QuotaLimit, QuotaReservation
 from zimage_pipeline.ledger.quota_types import (
@@ -17,7 +15,7 @@ from zimage_pipeline.ledger.quota_types import (
     ReservationState,
     Window,
 )
-from zimage_pipeline.ledger.txn import as_utc, is_sqlite
+from zimage_pipeline.ledger.txn import as_utc, is_sqlite, upsert_insert
 from zimage_pipeline.policy import QuotaLimits
 
 COUNTERS = cast(Table, QuotaCounter.__table__)
@@ -61,9 +59,8 @@ def lock_counters(connection: Connection, keys: Sequence[CounterKey]) -> dict[Co
     rows = {(r.subject, r.window_kind, r.period): r for r in connection.execute(query)}
     missing = [k for k in keys if k not in rows]
     if missing:
-        dialect_insert = sqlite_insert if is_sqlite(connection) else pg_insert
         connection.execute(
-            dialect_insert(COUNTERS)
+            upsert_insert(connection, COUNTERS)
             .values(
                 [
                     {

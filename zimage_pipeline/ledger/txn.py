@@ -20,7 +20,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, Table
+from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from zimage_pipeline.errors import DependencyUnavailable, Disposition
@@ -51,6 +53,12 @@ def as_utc(value: datetime) -> datetime:
 
 def is_sqlite(engine: Engine | Connection) -> bool:
     return engine.dialect.name == "sqlite"
+
+
+def upsert_insert(connection: Connection, table: Table) -> pg.Insert | sqlite.Insert:
+    """INSERT with ON CONFLICT support (`on_conflict_do_nothing/_update`) in the
+    connection's dialect: both backends have it, with the same arguments we use."""
+    return sqlite.insert(table) if is_sqlite(connection) else pg.insert(table)
 
 
 def _contention(exc: DBAPIError) -> bool:

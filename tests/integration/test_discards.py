@@ -4,14 +4,13 @@ against the real SeaweedFS, including a store that cannot be reached."""
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from datetime import datetime
 
 import pytest
 from sqlalchemy import Engine, select
 
-from tests.integration.test_storage_s3 import storage_settings
+from tests.integration.s3_support import storage_settings
 from zimage_pipeline.audit.chain import AuditLog
 from zimage_pipeline.audit.verify import verify_chain
 from zimage_pipeline.ledger import migrate
@@ -35,15 +34,6 @@ def ledger(ledger_url: str) -> Iterator[Engine]:
     migrate.upgrade(engine)
     yield engine
     engine.dispose()
-
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    value = f"test-{uuid.uuid4().hex[:12]}"
-    yield value
-    store = ObjectStore(storage_settings())
-    for key in list(store.list_keys(value + "/")):
-        store.delete_object(key)
 
 
 def units(engine: Engine) -> tuple[LedgerUnits, DiscardQueue]:

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
 
-from tests.integration.test_storage_s3 import storage_settings
+from tests.integration.s3_support import storage_settings
 from zimage_pipeline.decoding import decode_request
 from zimage_pipeline.messages import GenerationRequest, ImageFormat
 from zimage_pipeline.ports import EncodedImage
@@ -22,15 +20,6 @@ from zimage_pipeline.wiring.outputs import S3Store
 pytestmark = pytest.mark.integration
 
 CREATED = datetime(2026, 11, 22, 8, 30, tzinfo=UTC)
-
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    value = f"test-{uuid.uuid4().hex[:12]}"
-    yield value
-    store = ObjectStore(storage_settings())
-    for key in list(store.list_keys(value + "/")):
-        store.delete_object(key)
 
 
 def request(request_id: str) -> GenerationRequest:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -14,9 +13,8 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ReadTimeoutError
 
-from tests.conftest import require_env, require_port
+from tests.integration.s3_support import storage_settings
 from zimage_pipeline.errors import Disposition
-from zimage_pipeline.settings import StorageSettings, load_settings
 from zimage_pipeline.storage import (
     ObjectConflictError,
     ObjectStore,
@@ -27,23 +25,6 @@ from zimage_pipeline.storage import (
 pytestmark = pytest.mark.integration
 
 PNG_BYTES = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
-
-
-def storage_settings(**overrides: Any) -> StorageSettings:
-    require_env("ZIMAGE_STORAGE__ACCESS_KEY_ID_FILE")
-    base = load_settings().storage
-    require_port("SeaweedFS S3", 8333)
-    return base.model_copy(update={"backoff_base_s": 0.01, "backoff_max_s": 0.05, **overrides})
-
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    """A key prefix no other test (or concurrent test run) uses; emptied afterwards."""
-    value = f"test-{uuid.uuid4().hex[:12]}"
-    yield value
-    store = ObjectStore(storage_settings())
-    for key in list(store.list_keys(value + "/")):
-        store.client.delete_object(Bucket=store.settings.bucket, Key=key)
 
 
 @pytest.fixture

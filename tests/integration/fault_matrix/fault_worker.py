@@ -46,33 +46,24 @@ def die(where: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-class SlowEngine:
-    def __init__(self, inner: Engine, delay_s: float) -> None:
+class FaultyEngine:
+    """The real engine, slowed by `delay_s` and/or killed by a prompt holding `crash_on`."""
+
+    def __init__(self, inner: Engine, *, delay_s: float = 0.0, crash_on: str = "") -> None:
         self._inner = inner
         self._delay_s = delay_s
+        self._crash_on = crash_on
 
     @property
     def identity(self) -> ModelIdentity:
         return self._inner.identity
 
     def generate(self, specs: Sequence[ImageSpec]) -> list[RawImage]:
-        print(f"FAULT generating {len(specs)} image(s) slowly", file=sys.stderr, flush=True)
-        time.sleep(self._delay_s)
-        return self._inner.generate(specs)
-
-
-class CrashingEngine:
-    def __init__(self, inner: Engine, marker: str) -> None:
-        self._inner = inner
-        self._marker = marker
-
-    @property
-    def identity(self) -> ModelIdentity:
-        return self._inner.identity
-
-    def generate(self, specs: Sequence[ImageSpec]) -> list[RawImage]:
-        if any(self._marker in s.prompt for s in specs):
-            die(f"generating a prompt with {self._marker!r}")
+        if self._crash_on and any(self._crash_on in s.prompt for s in specs):
+            die(f"generating a prompt with {self._crash_on!r}")
+        if self._delay_s:
+            print(f"FAULT generating {len(specs)} image(s) slowly", file=sys.stderr, flush=True)
+            time.sleep(self._delay_s)
         return self._inner.generate(specs)
 
 
@@ -107,10 +98,10 @@ def patch_publishing(kill: str) -> None:
 
 def inject(wiring: Wiring, faults: Mapping[str, Any]) -> Wiring:
     ports = wiring.ports
-    if faults.get("generate_delay_s"):
-        ports = replace(ports, engine=SlowEngine(ports.engine, float(faults["generate_delay_s"])))
-    if faults.get("crash_on_prompt"):
-        ports = replace(ports, engine=CrashingEngine(ports.engine, str(faults["crash_on_prompt"])))
+    delay_s, crash_on = float(faults.get("generate_delay_s", 0)), faults.get("crash_on_prompt")
+    if delay_s or crash_on:
+        faulty = FaultyEngine(ports.engine, delay_s=delay_s, crash_on=str(crash_on or ""))
+        ports = replace(ports, engine=faulty)
     kill = faults.get("kill")
     if kill is not None and kill not in KILL_POINTS:
         raise SystemExit(f"unknown kill point {kill!r}; one of {KILL_POINTS}")

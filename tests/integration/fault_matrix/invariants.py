@@ -37,6 +37,7 @@ from zimage_pipeline.ledger.models import (
     QuotaReservation,
 )
 from zimage_pipeline.messages import GenerationResult
+from zimage_pipeline.service import UNIDENTIFIED_PREFIX
 
 TERMINAL = frozenset({"succeeded", "failed", "rejected", "cancelled", "expired"})
 # Rejected before the ledger is asked (no job row): the body is not a request at all.
@@ -277,7 +278,9 @@ def _audit(world: World) -> list[str]:
         # a job.
         trail = {(e.event_type, str(e.payload.get("status"))) for e in by_request[rid]}
         allowed = (
-            {("denied", "None")} if rid.startswith("unidentified-") else {("published", "rejected")}
+            {("denied", "None")}
+            if rid.startswith(UNIDENTIFIED_PREFIX)
+            else {("published", "rejected")}
         )
         if trail != allowed:
             problems.append(f"{rid}: audit events {sorted(trail)} without a job row")

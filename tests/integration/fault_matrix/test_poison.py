@@ -25,6 +25,7 @@ from tests.integration.fault_matrix.stack import (
 )
 from tests.integration.worker_harness import Client, client, running_worker
 from zimage_pipeline.broker import connect_robust
+from zimage_pipeline.service import UNIDENTIFIED_PREFIX
 from zimage_pipeline.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -113,7 +114,7 @@ async def test_poison_stream_is_rejected_and_dead_lettered_good_ones_succeed(
         )
     world = assert_invariants(settings, tap.results, expected=good_ids)
     # Each answer without an id left a `denied` event under the bad bytes' digest.
-    unidentified = [e for e in world.events if e.request_id.startswith("unidentified-")]
+    unidentified = [e for e in world.events if e.request_id.startswith(UNIDENTIFIED_PREFIX)]
     without_id = [r for r in tap.results if r["request_id"] == ""]
     assert without_id and len(unidentified) == len(without_id), context
     digests = {hashlib.sha256(p.body).hexdigest() for p in poisons}

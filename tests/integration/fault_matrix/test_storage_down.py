@@ -22,7 +22,7 @@ from tests.integration.fault_matrix.stack import (
 )
 from tests.integration.worker_harness import client, running_worker
 from zimage_pipeline.ledger.discards import DiscardQueue
-from zimage_pipeline.settings import load_settings
+from zimage_pipeline.settings import Settings, load_settings
 from zimage_pipeline.storage import ObjectStore
 from zimage_pipeline.wiring import Wiring
 
@@ -31,24 +31,29 @@ pytestmark = pytest.mark.integration
 ATTEMPTS = 3
 
 
+def settings_on(s3: PrivateS3, tiny_model: Path, ledger_url: str, **storage: Any) -> Settings:
+    """The case's settings on its private S3: ATTEMPTS quick tries, a short connect timeout."""
+    return matrix_settings(
+        tiny_model,
+        ledger_url,
+        storage={
+            "endpoint_url": s3.endpoint,
+            "max_attempts": ATTEMPTS,
+            "backoff_base_s": 0.1,
+            "backoff_max_s": 0.5,
+            "connect_timeout_s": 1,
+            **storage,
+        },
+    )
+
+
 async def test_storage_down_fails_the_request_uncharged_after_the_retry_budget(
     tiny_model: Path, postgres_url: str, tmp_path: Path
 ) -> None:
     s3 = PrivateS3(tmp_path / "s3", load_settings().storage)
     s3.start()
     try:
-        settings = matrix_settings(
-            tiny_model,
-            postgres_url,
-            storage={
-                "endpoint_url": s3.endpoint,
-                "max_attempts": ATTEMPTS,
-                "retry_budget_s": 20,
-                "backoff_base_s": 0.1,
-                "backoff_max_s": 0.5,
-                "connect_timeout_s": 1,
-            },
-        )
+        settings = settings_on(s3, tiny_model, postgres_url, retry_budget_s=20)
         async with (
             case_stack(settings) as (tap, ledger),
             wired(settings) as wiring,
@@ -91,17 +96,7 @@ async def test_storage_lost_mid_request_leaves_no_orphan_object(
     s3 = PrivateS3(tmp_path / "s3", load_settings().storage)
     s3.start()
     try:
-        settings = matrix_settings(
-            tiny_model,
-            postgres_url,
-            storage={
-                "endpoint_url": s3.endpoint,
-                "max_attempts": ATTEMPTS,
-                "backoff_base_s": 0.1,
-                "backoff_max_s": 0.5,
-                "connect_timeout_s": 1,
-            },
-        )
+        settings = settings_on(s3, tiny_model, postgres_url)
         upload = ObjectStore.put_object
         first_image_in = threading.Event()
 

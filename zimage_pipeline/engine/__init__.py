@@ -57,7 +57,7 @@ def lossy_identity(identity: ModelIdentity, transformer: Any) -> ModelIdentity:
     mistakes one for the other. The weights digest stays the checkpoint's."""
     from zimage_pipeline.engine.fp8 import LOSSY_SUFFIX, runs_fp8
 
-    if not runs_fp8(transformer) or identity.name.endswith(LOSSY_SUFFIX):
+    if not runs_fp8(transformer):
         return identity
     return dataclasses.replace(identity, name=identity.name + LOSSY_SUFFIX)
 

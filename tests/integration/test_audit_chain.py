@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -20,6 +21,7 @@ from zimage_pipeline.audit import (
 )
 from zimage_pipeline.ledger import migrate
 from zimage_pipeline.ledger.db import create_ledger_engine
+from zimage_pipeline.ports import AuditRecord
 from zimage_pipeline.settings import AuditSettings, DatabaseSettings, PromptRetention
 
 pytestmark = pytest.mark.integration
@@ -248,3 +250,76 @@ def test_queries_answer_the_compliance_questions(engine: Engine) -> None:
         "published",
     ]
     assert events[0].prompts == {"prompt": "a red bicycle for req-1"}
+
+
+STORIES: list[list[tuple[str, dict[str, object]]]] = [
+    [
+        ("received", {"user": "ann", "prompt": "a kite", "labels": {"sku": "S-1"}}),
+        ("authorized", {"principal": "cms", "groups": ["editors"]}),
+        ("quota_reserved", {"images": 1}),
+        ("generated", {"model": {"name": "Z", "revision": "r1"}}),
+        ("stored", {"keys": ["k"]}),
+        ("quota_committed", {"images": 1}),
+        ("published", {"status": "succeeded"}),
+    ],
+    [  # a denial stays the status through the later publish and release
+        ("received", {"user": "bob"}),
+        ("denied", {"reason": "QUOTA_EXCEEDED", "groups": ["interns", "editors"]}),
+        ("published", {"reason": "QUOTA_EXCEEDED"}),
+        ("quota_released", {"images": 2}),
+    ],
+    [  # a later sticky status replaces an earlier one
+        ("received", {"user": "cy", "labels": {"sku": "S-2", "asset": "A"}}),
+        ("failed", {"reason": "STORAGE_FAILED"}),
+        ("expired", {"reason": "EXPIRED"}),
+        ("published", {}),
+    ],
+    [("quota_limit_set", {"user": "dee"}), ("quota_granted", {"user": "dee"})],
+]
+
+
+@pytest.mark.parametrize("story_events", STORIES)
+def test_index_is_the_same_however_the_events_are_batched(
+    engine: Engine, story_events: list[tuple[str, dict[str, object]]]
+) -> None:
+    """The index upsert merges a batch into an existing row in SQL; the row must be what
+    folding the events one by one gives, for every way of splitting them into appends."""
+    log = AuditLog(engine)
+    n = len(story_events)
+    story = uuid.uuid4().hex[:8]
+    splits = {
+        f"{story}-one-by-one": [1] * n,
+        f"{story}-one-batch": [n],
+        f"{story}-first-then-rest": [1, n - 1],
+        f"{story}-pairs": [2] * (n // 2) + [1] * (n % 2),
+    }
+    for request_id, sizes in splits.items():
+        done = 0
+        for size in sizes:
+            batch = story_events[done : done + size]
+            log.append_many([AuditRecord(request_id, t, "w", p) for t, p in batch], at=T0)
+            done += size
+    rows = set()
+    with engine.connect() as conn:
+        for request_id in splits:
+            row = conn.execute(
+                text(
+                    "select subject, principal, model, status, reason, events, prompt_sha256,"
+                    " prompt_text from audit_requests where request_id = :r"
+                ),
+                {"r": request_id},
+            ).one()
+            groups = conn.execute(
+                text("select group_name from audit_request_groups where request_id = :r"),
+                {"r": request_id},
+            ).scalars()
+            labels = conn.execute(
+                text("select key, value from audit_request_labels where request_id = :r"),
+                {"r": request_id},
+            )
+            rows.add((tuple(row), tuple(sorted(groups)), tuple(sorted(map(tuple, labels)))))
+    assert len(rows) == 1, rows
+    (index, _, _), *_ = rows
+    assert index[5] == n
+    expected = {"ann": "published", "bob": "denied", "cy": "expired", "dee": "quota_limit_set"}
+    assert index[3] == expected[index[0]]

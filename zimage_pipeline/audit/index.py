@@ -1,20 +1,27 @@
 """The per-request query index, kept in step with the events inside the append.
 
-It is derived data: every column can be recomputed from the events. The rows read are
-locked (FOR UPDATE) so two appends for one request cannot lose an update, and the index
+It is derived data: every column can be recomputed from the events. It is written with
+upserts (no read first: each statement is a round trip on every request's path), which
+lock the rows they write, so two appends for one request cannot lose an update; and it
 is written before the append takes the chain lock, so it adds nothing to the time every
 other worker waits for that lock.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, Executable, Table, case, func
 
 from zimage_pipeline.ledger.models import AuditRequest, AuditRequestGroup, AuditRequestLabel
+from zimage_pipeline.ledger.txn import dialect_insert
+
+INDEX = cast(Table, AuditRequest.__table__)
+GROUPS = cast(Table, AuditRequestGroup.__table__)
+LABELS = cast(Table, AuditRequestLabel.__table__)
 
 
 class IndexedEvent(Protocol):
@@ -69,55 +76,88 @@ def _next_status(current: str | None, event_type: str) -> str | None:
 
 
 def update_request_index(conn: Connection, events: Sequence[IndexedEvent]) -> None:
-    """Fold `events` (in chain order) into their requests' index rows: one read of the
-    rows they touch, then one write per request (plus new groups and labels)."""
+    """Fold `events` (in chain order) into their requests' index rows: one upsert for the
+    rows (INSERT ... ON CONFLICT DO UPDATE, which also locks them, so two appends for one
+    request cannot lose an update), then the new groups and labels, if any.
+
+    The upsert's inserted values are the fold of this batch alone (what a new row gets);
+    ON CONFLICT merges them into the existing row in SQL, with the same rules `_folded`
+    applies event by event (`_merged_columns`)."""
     by_request: dict[str, list[IndexedEvent]] = {}
     for event in events:
         by_request.setdefault(event.request_id, []).append(event)
-    existing = {
-        row.request_id: row
-        for row in conn.execute(
-            select(AuditRequest.request_id, AuditRequest.status, AuditRequest.events)
-            .where(AuditRequest.request_id.in_(list(by_request)))
-            .with_for_update()
-        )
-    }
-    new_rows: list[dict[str, Any]] = []
+    rows = [
+        {
+            "request_id": request_id,
+            "first_at": request_events[0].at,
+            "events": len(request_events),
+            **dict.fromkeys(("subject", "principal", "model", "reason"), None),
+            **dict.fromkeys(("prompt_sha256", "prompt_text"), None),
+            **_folded(None, request_events),
+        }
+        for request_id, request_events in sorted(by_request.items())  # row-lock order
+    ]
+    dialect = conn.dialect.name
+    conn.execute(_index_upsert(dialect), rows[0] if len(rows) == 1 else rows)
     for request_id, request_events in by_request.items():
-        row = existing.get(request_id)
-        values = _folded(row.status if row else None, request_events)
-        if row is None:
-            new_rows.append(
-                {
-                    "request_id": request_id,
-                    "first_at": request_events[0].at,
-                    "events": len(request_events),
-                    "subject": None,
-                    "principal": None,
-                    "model": None,
-                    "reason": None,
-                    "prompt_sha256": None,
-                    "prompt_text": None,
-                    **values,
-                }
-            )
-        else:
-            values["events"] = row.events + len(request_events)
+        groups = {str(g)[:512] for e in request_events for g in e.payload.get("groups") or ()}
+        if groups:
             conn.execute(
-                update(AuditRequest).where(AuditRequest.request_id == request_id).values(values)
+                _add_missing(dialect, GROUPS),
+                [{"request_id": request_id, "group_name": g} for g in sorted(groups)],
             )
-    if new_rows:
-        conn.execute(insert(AuditRequest), new_rows)
-    for request_id, request_events in by_request.items():
-        # A request first indexed now has no groups or labels yet: nothing to read.
-        known = request_id in existing
-        groups = [g for e in request_events for g in e.payload.get("groups") or ()]
-        _add_groups(conn, request_id, groups, known=known)
         labels: dict[Any, Any] = {}
         for e in request_events:
             if isinstance(e.payload.get("labels"), Mapping):
                 labels.update(e.payload["labels"])
-        _add_labels(conn, request_id, labels, known=known)
+        pairs = {(str(k)[:64], str(v)[:256]) for k, v in labels.items()}
+        if pairs:
+            conn.execute(
+                _add_missing(dialect, LABELS),
+                [{"request_id": request_id, "key": k, "value": v} for k, v in sorted(pairs)],
+            )
+
+
+@functools.cache
+def _index_upsert(dialect: str) -> Executable:
+    """Built once per dialect (see txn.dialect_insert); the rows come as parameters."""
+    insert = dialect_insert(dialect, INDEX)
+    return insert.on_conflict_do_update(
+        index_elements=[INDEX.c.request_id], set_=_merged_columns(insert.excluded)
+    )
+
+
+@functools.cache
+def _add_missing(dialect: str, table: Table) -> Executable:
+    return dialect_insert(dialect, table).on_conflict_do_nothing()
+
+
+def _merged_columns(new: Any) -> dict[str, Any]:
+    """ON CONFLICT's SET: the existing row (`INDEX.c`) after the batch (`new`, the batch's
+    own fold from no status). The batch's fold ends in its last sticky status if it has
+    one; otherwise in its last status-moving event's status, which a sticky existing
+    status outlives; a batch that moves nothing (its fold is then an event type, not a
+    status) keeps the existing status. Other columns: the batch's value where it has one."""
+    old = INDEX.c
+    sticky, statuses = sorted(STICKY), sorted(STATUSES)
+    status = case(
+        (new.status.in_(sticky), new.status),
+        (old.status.in_(sticky), old.status),
+        (new.status.in_(statuses), new.status),
+        else_=old.status,
+    )
+    kept = {c: func.coalesce(new[c], old[c]) for c in ("subject", "principal", "model", "reason")}
+    return {
+        "status": status,
+        **kept,
+        "prompt_sha256": func.coalesce(new.prompt_sha256, old.prompt_sha256),
+        # Set together with the hash (None where the retention policy keeps no text).
+        "prompt_text": case(
+            (new.prompt_sha256.is_not(None), new.prompt_text), else_=old.prompt_text
+        ),
+        "last_at": new.last_at,
+        "events": old.events + new.events,
+    }
 
 
 def _folded(status: str | None, events: Sequence[IndexedEvent]) -> dict[str, Any]:
@@ -144,49 +184,3 @@ def _folded(status: str | None, events: Sequence[IndexedEvent]) -> dict[str, Any
 
 def _text(value: Any, size: int) -> str | None:
     return None if value is None else str(value)[:size]
-
-
-def _add_groups(conn: Connection, request_id: str, groups: Any, *, known: bool) -> None:
-    if not groups:
-        return
-    wanted = {str(g)[:512] for g in groups}
-    have = (
-        set(
-            conn.scalars(
-                select(AuditRequestGroup.group_name).where(
-                    AuditRequestGroup.request_id == request_id
-                )
-            )
-        )
-        if known
-        else set()
-    )
-    new = sorted(wanted - have)
-    if new:
-        conn.execute(
-            insert(AuditRequestGroup), [{"request_id": request_id, "group_name": g} for g in new]
-        )
-
-
-def _add_labels(conn: Connection, request_id: str, labels: Any, *, known: bool) -> None:
-    if not labels or not isinstance(labels, Mapping):
-        return
-    wanted = {(str(k)[:64], str(v)[:256]) for k, v in labels.items()}
-    have = (
-        {
-            (r.key, r.value)
-            for r in conn.execute(
-                select(AuditRequestLabel.key, AuditRequestLabel.value).where(
-                    AuditRequestLabel.request_id == request_id
-                )
-            )
-        }
-        if known
-        else set()
-    )
-    new = sorted(wanted - have)
-    if new:
-        conn.execute(
-            insert(AuditRequestLabel),
-            [{"request_id": request_id, "key": k, "value": v} for k, v in new],
-        )

@@ -58,7 +58,13 @@ def is_sqlite(engine: Engine | Connection) -> bool:
 def upsert_insert(connection: Connection, table: Table) -> pg.Insert | sqlite.Insert:
     """INSERT with ON CONFLICT support (`on_conflict_do_nothing/_update`) in the
     connection's dialect: both backends have it, with the same arguments we use."""
-    return sqlite.insert(table) if is_sqlite(connection) else pg.insert(table)
+    return dialect_insert(connection.dialect.name, table)
+
+
+def dialect_insert(dialect: str, table: Table) -> pg.Insert | sqlite.Insert:
+    """`upsert_insert` by dialect name: for statements built once per dialect and cached
+    (building a statement costs more Python time than its round trip on the hot path)."""
+    return sqlite.insert(table) if dialect == "sqlite" else pg.insert(table)
 
 
 def _contention(exc: DBAPIError) -> bool:

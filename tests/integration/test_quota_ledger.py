@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -12,10 +12,12 @@ from sqlalchemy.exc import IntegrityError
 from tests.integration.quota_support import counter, entry_kinds, migrated_engine
 from zimage_pipeline.errors import Disposition
 from zimage_pipeline.ledger.quota import QuotaLedger
-from zimage_pipeline.ledger.quota_rows import ENTRIES
+from zimage_pipeline.ledger.quota_rows import ENTRIES, CounterKey
 from zimage_pipeline.ledger.quota_types import (
+    CounterState,
     InvalidQuotaOperationError,
     QuotaExceededError,
+    Remaining,
     ReservationNotFoundError,
     ReservationState,
     Window,
@@ -209,3 +211,36 @@ def test_commit_can_join_the_callers_transaction(ledger: QuotaLedger, engine: En
     assert counter(engine, "user:alice", "day") == (0, 2, 0)  # rolled back together
     run_write(engine, lambda connection: ledger.commit("r1", 2, connection=connection))
     assert counter(engine, "user:alice", "day") == (2, 0, 0)
+
+
+def test_what_a_commit_leaves_is_told_from_its_locked_rows(
+    ledger: QuotaLedger, engine: Engine
+) -> None:
+    """The worker tells what is left from the counters its commit locked; that must be
+    what a fresh read says, teams, overrides and grants included; a commit in a later
+    period than its reservation (after midnight) reads the current rows instead."""
+    team = (TeamBudget(DESIGN, images_per_day=6, images_per_month=40),)
+    ledger.set_limit("user:alice", images_per_day=4, images_per_month=None, actor="admin")
+    ledger.grant(TEAM, 2, window=Window.DAY, actor="admin", now=NOON)
+    reserve(ledger, "other", 2, user="bob", teams=team)
+    reserve(ledger, "r1", 3, teams=team)
+    charged = ledger.commit("r1", 2, now=NOON)
+    assert set(charged.counters) == {
+        (s, w, p)
+        for s in ("user:alice", TEAM)
+        for w, p in (("day", "2026-11-21"), ("month", "2026-11"))
+    }
+
+    def both(now: datetime, known: Mapping[CounterKey, CounterState]) -> list[Remaining]:
+        return [
+            ledger.remaining(user="alice", teams=team, user_limits=LIMITS, now=now, known=k)
+            for k in (known, None)
+        ]
+
+    told, read = both(NOON, charged.counters)
+    assert told == read
+    assert (read.day, read.month) == (2, 8 - 2)
+    told, read = both(NOON + timedelta(days=1), charged.counters)  # a new day: nothing known
+    assert told == read
+    assert (read.day, read.month) == (4, 8 - 2)
+    assert ledger.commit("r1", 2, now=NOON).counters == {}  # redelivered: nothing moved

@@ -12,7 +12,7 @@ how SQLite and PostgreSQL serialize the writers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TypeVar
@@ -21,8 +21,14 @@ from sqlalchemy import Connection, Engine, select, update
 
 from zimage_pipeline.ledger import quota_admin
 from zimage_pipeline.ledger.quota_ops import move, reserve_rows, set_state
-from zimage_pipeline.ledger.quota_rows import RESERVATIONS, append_entry, get_reservation
+from zimage_pipeline.ledger.quota_rows import (
+    RESERVATIONS,
+    CounterKey,
+    append_entry,
+    get_reservation,
+)
 from zimage_pipeline.ledger.quota_types import (
+    CounterState,
     EntryKind,
     InvalidQuotaOperationError,
     QuotaExceededError,
@@ -32,6 +38,7 @@ from zimage_pipeline.ledger.quota_types import (
     ReservationNotFoundError,
     ReservationState,
     Window,
+    periods,
     team_subject,
     user_subject,
 )
@@ -121,7 +128,7 @@ class QuotaLedger:
             # anyway (this can exceed the limit; leases must outlast the slowest job).
             late = current.state is ReservationState.EXPIRED
             held = 0 if late else current.images
-            move(connection, current, reserved=-held, used=images)
+            counters = move(connection, current, reserved=-held, used=images)
             set_state(connection, request_id, ReservationState.COMMITTED, at, committed=images)
             append_entry(
                 connection,
@@ -132,7 +139,9 @@ class QuotaLedger:
                 at=at,
                 note="after the lease ran out" if late else None,
             )
-            return replace(current, state=ReservationState.COMMITTED, committed=images)
+            return replace(
+                current, state=ReservationState.COMMITTED, committed=images, counters=counters
+            )
 
         return self._run(work, connection)
 
@@ -196,20 +205,29 @@ class QuotaLedger:
         user_limits: QuotaLimits,
         now: datetime | None = None,
         connection: Connection | None = None,
+        known: Mapping[CounterKey, CounterState] | None = None,
     ) -> Remaining:
         """The images a next request could still reserve: the tightest of all budgets.
-        `connection`: read inside the caller's transaction (what it has just written)."""
+        `connection`: read inside the caller's transaction (what it has just written).
+        `known`: counter rows the caller holds locked (a commit's `counters`); a budget
+        whose current day and month rows are all there is not read again."""
         at = now or utcnow()
         budgets = [(user_subject(user), user_limits)]
         budgets += [(team_subject(t.group), t.limits) for t in teams]
+        per = periods(at)
+        statuses: list[QuotaStatus | None] = [
+            quota_admin.status_from(subject, limits, per, known or {})
+            for subject, limits in budgets
+        ]
 
-        def read(c: Connection) -> list[QuotaStatus]:
+        def read(c: Connection) -> list[QuotaStatus | None]:
             return [quota_admin.usage(c, subject, limits, at) for subject, limits in budgets]
 
-        statuses = read(connection) if connection is not None else run_read(self._engine, read)
+        if None in statuses:
+            statuses = read(connection) if connection is not None else run_read(self._engine, read)
 
         def tightest(window: Window) -> int | None:
-            values = [s.window(window).remaining for s in statuses]
+            values = [s.window(window).remaining for s in statuses if s is not None]
             present = [v for v in values if v is not None]
             return min(present) if present else None
 

@@ -7,6 +7,7 @@ Every change made here is also an append-only entry naming its actor, so `quota 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import datetime
 
 from sqlalchemy import Connection, delete, select, update
@@ -15,6 +16,7 @@ from zimage_pipeline.ledger.quota_rows import (
     COUNTERS,
     ENTRIES,
     LIMITS,
+    CounterKey,
     append_entry,
     counter_keys,
     effective_limits,
@@ -22,6 +24,7 @@ from zimage_pipeline.ledger.quota_rows import (
     lock_counters,
 )
 from zimage_pipeline.ledger.quota_types import (
+    CounterState,
     EntryKind,
     InvalidQuotaOperationError,
     QuotaStatus,
@@ -62,6 +65,36 @@ def usage(connection: Connection, subject: str, limits: QuotaLimits, now: dateti
             )
         )
     return QuotaStatus(subject=subject, windows=tuple(windows))
+
+
+def status_from(
+    subject: str,
+    limits: QuotaLimits,
+    per: Mapping[Window, str],
+    counters: Mapping[CounterKey, CounterState],
+) -> QuotaStatus | None:
+    """`usage` without a read, from counter rows the caller holds (locked): None unless
+    both of the subject's current rows (day and month of `per`) are there."""
+    rows = [counters.get((subject, w.value, per[w])) for w in (Window.DAY, Window.MONTH)]
+    if rows[0] is None or rows[1] is None:
+        return None
+    override = rows[0].override
+    effective = effective_limits({subject: limits}, {subject: override} if override else {})
+    windows = tuple(
+        WindowUsage(
+            window=window,
+            period=per[window],
+            used=row.used,
+            reserved=row.reserved,
+            granted=row.granted,
+            limit=limit,
+        )
+        for window, row, limit in (
+            (Window.DAY, rows[0], effective[subject].images_per_day),
+            (Window.MONTH, rows[1], effective[subject].images_per_month),
+        )
+    )
+    return QuotaStatus(subject=subject, windows=windows)
 
 
 def set_limit(

@@ -9,6 +9,7 @@ from sqlalchemy import Connection, update
 from zimage_pipeline.ledger.quota_rows import (
     COUNTERS,
     RESERVATIONS,
+    CounterKey,
     append_entry,
     counter_keys,
     effective_limits,
@@ -17,6 +18,7 @@ from zimage_pipeline.ledger.quota_rows import (
     overrides_of,
 )
 from zimage_pipeline.ledger.quota_types import (
+    CounterState,
     EntryKind,
     QuotaExceededError,
     Reservation,
@@ -106,7 +108,10 @@ def reserve_rows(
     )
 
 
-def move(connection: Connection, reservation: Reservation, *, reserved: int, used: int) -> None:
+def move(
+    connection: Connection, reservation: Reservation, *, reserved: int, used: int
+) -> dict[CounterKey, CounterState]:
+    """Add to the reservation's counters; returns them as they stand after the move."""
     rows = lock_counters(
         connection, counter_keys(reservation.subjects, reservation.day, reservation.month)
     )
@@ -115,6 +120,16 @@ def move(connection: Connection, reservation: Reservation, *, reserved: int, use
         .where(COUNTERS.c.id.in_([r.id for r in rows.values()]))
         .values(reserved=COUNTERS.c.reserved + reserved, used=COUNTERS.c.used + used)
     )
+    overrides = overrides_of(rows.values())
+    return {
+        key: CounterState(
+            used=row.used + used,
+            reserved=row.reserved + reserved,
+            granted=row.granted,
+            override=overrides.get(row.subject),
+        )
+        for key, row in rows.items()
+    }
 
 
 def set_state(

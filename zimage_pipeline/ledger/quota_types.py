@@ -8,7 +8,8 @@ when it happens after midnight, so every window adds up on its own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
@@ -66,6 +67,22 @@ class Reservation:
     lease_expires_at: datetime
     committed: int | None = None
     created: bool = False  # True only for the call that made it (not a redelivery)
+    # The counter rows this call moved, as they stand after it (locked until the
+    # transaction ends, so still true at commit): what is left can be told from them
+    # without reading them again. Empty when the call moved nothing.
+    counters: Mapping[tuple[str, str, str], CounterState] = field(
+        default_factory=dict, compare=False
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CounterState:
+    """One (subject, window, period) counter row, and its subject's override if any."""
+
+    used: int
+    reserved: int
+    granted: int
+    override: tuple[int | None, int | None] | None  # (per day, per month); None: policy
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,12 +96,13 @@ class LedgerUnits:
         policy = policy_of(authorization)
 
         def work(connection: Connection) -> None:
-            self._quota.commit(request_id, images, connection=connection)
+            charged = self._quota.commit(request_id, images, connection=connection)
             left = self._quota.remaining(
                 user=authorization.subject,
                 teams=policy.teams,
                 user_limits=policy.user_quota,
                 connection=connection,
+                known=charged.counters,  # the rows the charge just locked: no second read
             )
             self._jobs.finish(
                 request_id,

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, update
+from sqlalchemy import Connection, Engine, bindparam, insert, update
 from sqlalchemy.exc import OperationalError
 
 from zimage_pipeline.audit.errors import AuditError
@@ -61,6 +61,18 @@ EVENT_TYPES = frozenset(
     }
 )
 PROMPT_FIELDS = ("prompt", "negative_prompt")
+
+
+# The append's statements, built once (building one costs more Python time than its
+# round trip); values come as parameters.
+_ADVANCE_HEAD = (
+    update(AuditChainHead)
+    .where(AuditChainHead.id == 1)
+    .values(seq=AuditChainHead.seq + bindparam("n"))
+    .returning(AuditChainHead.seq, AuditChainHead.event_hash)
+)
+_INSERT_EVENTS = insert(AuditEventRow)
+_SET_HEAD_HASH = update(AuditChainHead).where(AuditChainHead.id == 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,12 +241,7 @@ class AuditLog:
         )
         # The lock: the first write of the append takes the head row (see module doc).
         # Held from here to the caller's commit: two statements, nothing else.
-        last_seq, prev_hash = conn.execute(
-            update(AuditChainHead)
-            .where(AuditChainHead.id == 1)
-            .values(seq=AuditChainHead.seq + len(records))
-            .returning(AuditChainHead.seq, AuditChainHead.event_hash)
-        ).one()
+        last_seq, prev_hash = conn.execute(_ADVANCE_HEAD, {"n": len(records)}).one()
         events: list[AuditEvent] = []
         rows: list[dict[str, Any]] = []
         seq = last_seq - len(records)
@@ -276,8 +283,6 @@ class AuditLog:
                 )
             )
             prev_hash = digest
-        conn.execute(insert(AuditEventRow), rows)
-        conn.execute(
-            update(AuditChainHead).where(AuditChainHead.id == 1).values(event_hash=prev_hash)
-        )
+        conn.execute(_INSERT_EVENTS, rows)
+        conn.execute(_SET_HEAD_HASH, {"event_hash": prev_hash})
         return events

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Connection, Row, Table, insert, select, tuple_
+from sqlalchemy import Connection, Row, Select, Table, bindparam, insert, select, tuple_
 
 from zimage_pipeline.ledger.models import QuotaCounter, QuotaEntry, QuotaLimit, QuotaReservation
 from zimage_pipeline.ledger.quota_types import (
@@ -15,7 +16,7 @@ from zimage_pipeline.ledger.quota_types import (
     ReservationState,
     Window,
 )
-from zimage_pipeline.ledger.txn import as_utc, is_sqlite, upsert_insert
+from zimage_pipeline.ledger.txn import as_utc, upsert_insert
 from zimage_pipeline.policy import QuotaLimits
 
 COUNTERS = cast(Table, QuotaCounter.__table__)
@@ -43,20 +44,9 @@ def lock_counters(connection: Connection, keys: Sequence[CounterKey]) -> dict[Co
     transaction already holds the database write lock (BEGIN IMMEDIATE).
     """
     columns = (COUNTERS.c.subject, COUNTERS.c.window_kind, COUNTERS.c.period)
-    query = (
-        select(
-            COUNTERS,
-            LIMITS.c.images_per_day.label("override_day"),
-            LIMITS.c.images_per_month.label("override_month"),
-            LIMITS.c.id.is_not(None).label("has_override"),
-        )
-        .select_from(COUNTERS.outerjoin(LIMITS, LIMITS.c.subject == COUNTERS.c.subject))
-        .where(tuple_(*columns).in_(list(keys)))
-        .order_by(*columns)
-    )
-    if not is_sqlite(connection):
-        query = query.with_for_update(of=COUNTERS)
-    rows = {(r.subject, r.window_kind, r.period): r for r in connection.execute(query)}
+    query = _counters_of(connection.dialect.name)
+    params = {"keys": list(keys)}
+    rows = {(r.subject, r.window_kind, r.period): r for r in connection.execute(query, params)}
     missing = [k for k in keys if k not in rows]
     if missing:
         connection.execute(
@@ -76,8 +66,36 @@ def lock_counters(connection: Connection, keys: Sequence[CounterKey]) -> dict[Co
             )
             .on_conflict_do_nothing(index_elements=list(columns))
         )
-        rows = {(r.subject, r.window_kind, r.period): r for r in connection.execute(query)}
+        rows = {(r.subject, r.window_kind, r.period): r for r in connection.execute(query, params)}
     return rows
+
+
+# The statements every request runs are built once (per dialect where they differ):
+# building one costs more Python time than its round trip. Values come as parameters.
+@functools.cache
+def _counters_of(dialect: str) -> Select[Any]:
+    columns = (COUNTERS.c.subject, COUNTERS.c.window_kind, COUNTERS.c.period)
+    query = (
+        select(
+            COUNTERS,
+            LIMITS.c.images_per_day.label("override_day"),
+            LIMITS.c.images_per_month.label("override_month"),
+            LIMITS.c.id.is_not(None).label("has_override"),
+        )
+        .select_from(COUNTERS.outerjoin(LIMITS, LIMITS.c.subject == COUNTERS.c.subject))
+        .where(tuple_(*columns).in_(bindparam("keys", expanding=True)))
+        .order_by(*columns)
+    )
+    return query if dialect == "sqlite" else query.with_for_update(of=COUNTERS)
+
+
+@functools.cache
+def _reservation_of(dialect: str, for_update: bool) -> Select[Any]:
+    query = select(RESERVATIONS).where(RESERVATIONS.c.request_id == bindparam("rid"))
+    return query.with_for_update() if for_update and dialect != "sqlite" else query
+
+
+_INSERT_ENTRY = insert(ENTRIES)
 
 
 def overrides_of(rows: Iterable[Row[Any]]) -> dict[str, Override]:
@@ -87,10 +105,8 @@ def overrides_of(rows: Iterable[Row[Any]]) -> dict[str, Override]:
 def get_reservation(
     connection: Connection, request_id: str, *, for_update: bool = False
 ) -> Reservation | None:
-    query = select(RESERVATIONS).where(RESERVATIONS.c.request_id == request_id)
-    if for_update and not is_sqlite(connection):
-        query = query.with_for_update()
-    row = connection.execute(query).first()
+    query = _reservation_of(connection.dialect.name, for_update)
+    row = connection.execute(query, {"rid": request_id}).first()
     return None if row is None else to_reservation(row)
 
 
@@ -141,14 +157,15 @@ def append_entry(
     details: dict[str, Any] | None = None,
 ) -> None:
     connection.execute(
-        insert(ENTRIES).values(
-            request_id=request_id,
-            kind=kind.value,
-            subject=subject,
-            images=images,
-            actor=actor,
-            note=note[:512] if note else note,
-            details=details,
-            created_at=at,
-        )
+        _INSERT_ENTRY,
+        {
+            "request_id": request_id,
+            "kind": kind.value,
+            "subject": subject,
+            "images": images,
+            "actor": actor,
+            "note": note[:512] if note else note,
+            "details": details,
+            "created_at": at,
+        },
     )

@@ -30,12 +30,11 @@ from enum import Enum
 from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, insert, update
-from sqlalchemy.exc import OperationalError
 
 from zimage_pipeline.audit.errors import AuditError
 from zimage_pipeline.audit.index import update_request_index
-from zimage_pipeline.errors import DependencyUnavailable
 from zimage_pipeline.ledger.models import AuditChainHead, AuditEventRow
+from zimage_pipeline.ledger.txn import run_write
 from zimage_pipeline.ports import AuditRecord
 from zimage_pipeline.settings import AuditSettings, PromptRetention
 
@@ -209,11 +208,8 @@ class AuditLog:
         prepared = [self._prepare(r) for r in records]  # hashing payloads: before the lock
         if connection is not None:
             return self._append_prepared(connection, records, prepared, at)
-        try:
-            with self.engine.begin() as own:
-                return self._append_prepared(own, records, prepared, at)
-        except OperationalError as exc:
-            raise DependencyUnavailable(f"audit append: ledger unavailable: {exc.orig}") from exc
+        # An unreachable ledger raises LedgerUnavailableError (a DependencyUnavailable).
+        return run_write(self.engine, lambda own: self._append_prepared(own, records, prepared, at))
 
     def _prepare(self, record: AuditRecord) -> tuple[dict[str, Any], str, dict[str, str] | None]:
         hashed_payload, prompts = split_prompts(record.payload)

@@ -88,13 +88,15 @@ def run_write(
     """
     give_up_at = time.monotonic() + deadline_s
     delay_s = 0.005
-    integrity_retries = 1
+    integrity_retries = reconnect_retries = 1
     while True:
+        committing = False
         try:
             with engine.connect() as connection:
                 if is_sqlite(engine):
                     connection.exec_driver_sql("BEGIN IMMEDIATE")
                 result = work(connection)
+                committing = True
                 connection.commit()
                 return result
         except IntegrityError:
@@ -102,6 +104,12 @@ def run_write(
                 raise
             integrity_retries -= 1
         except DBAPIError as exc:
+            # A pooled connection the server dropped (restart, failover) fails its first
+            # statement; the transaction died with it, so it runs again on a new one.
+            # Not when the commit itself failed: it may have been applied.
+            if exc.connection_invalidated and not committing and reconnect_retries > 0:
+                reconnect_retries -= 1
+                continue
             if _contention(exc) and time.monotonic() < give_up_at:
                 time.sleep(delay_s * (0.5 + random.random()))  # noqa: S311 (jitter, not crypto)
                 delay_s = min(delay_s * 2, 0.5)
@@ -115,8 +123,12 @@ def run_write(
 
 
 def run_read(engine: Engine, work: Callable[[Connection], T]) -> T:
-    try:
-        with engine.connect() as connection:
-            return work(connection)
-    except OperationalError as exc:
-        raise LedgerUnavailableError(f"ledger unavailable: {type(exc.orig).__name__}") from exc
+    for reconnect in (True, False):
+        try:
+            with engine.connect() as connection:
+                return work(connection)
+        except OperationalError as exc:
+            if reconnect and exc.connection_invalidated:
+                continue  # a dropped pooled connection (see run_write): once more
+            raise LedgerUnavailableError(f"ledger unavailable: {type(exc.orig).__name__}") from exc
+    raise AssertionError("unreachable")

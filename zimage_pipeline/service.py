@@ -44,6 +44,7 @@ from zimage_pipeline.messages import (
 from zimage_pipeline.ports import (
     Audit,
     AuditRecord,
+    Authorization,
     Authorizer,
     BeginKind,
     Encoder,
@@ -113,6 +114,11 @@ class _Job:
     # The upload began: a failure from here on may leave objects that must be deleted.
     store_started: bool = False
     pending_audit: list[AuditRecord] = field(default_factory=list)
+
+
+def _consume_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def payload_digest(request: GenerationRequest) -> str:
@@ -213,6 +219,29 @@ class RequestService:
 
     async def _handle_valid(self, request: GenerationRequest, principal: str) -> Outcome:
         digest = payload_digest(request)
+        # The directory is asked while the ledger records the delivery: two round trips
+        # side by side. The answer is used only once `begin` says the request is to run.
+        authorizing = asyncio.ensure_future(
+            self._io(
+                self._p.authorizer.authorize,
+                principal=principal,
+                on_behalf_of=request.on_behalf_of,
+            )
+        )
+        try:
+            return await self._begin_and_serve(request, principal, digest, authorizing)
+        finally:
+            # Not awaited on every path (a duplicate, an expired request), and then its
+            # error, if any, is not this request's outcome: mark it seen.
+            authorizing.add_done_callback(_consume_outcome)
+
+    async def _begin_and_serve(
+        self,
+        request: GenerationRequest,
+        principal: str,
+        digest: str,
+        authorizing: asyncio.Future[Authorization],
+    ) -> Outcome:
         begin = await self._io(
             self._p.jobs.begin,
             request_id=request.request_id,
@@ -250,7 +279,7 @@ class RequestService:
             else None
         )
         try:
-            result = await self._serve(job)
+            result = await self._serve(job, authorizing)
         except ZImageError as exc:
             if exc.disposition in (Disposition.RETRY, Disposition.FATAL):
                 with suppress(ZImageError):  # the ledger may be what is down
@@ -476,18 +505,12 @@ class RequestService:
         if expires_at is not None and self._clock() >= expires_at:
             raise RequestExpiredError(f"the request expired at {expires_at.isoformat()}")
 
-    async def _serve(self, job: _Job) -> GenerationResult:
+    async def _serve(
+        self, job: _Job, authorizing: asyncio.Future[Authorization]
+    ) -> GenerationResult:
         request = job.request
         self._check_not_expired(job)
-        auth = await self._timed(
-            job,
-            "authorize",
-            self._io(
-                self._p.authorizer.authorize,
-                principal=job.principal,
-                on_behalf_of=request.on_behalf_of,
-            ),
-        )
+        auth = await self._timed(job, "authorize", authorizing)
         check_limits(request, auth)
         self._audit(
             job,

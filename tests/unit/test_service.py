@@ -106,6 +106,17 @@ async def test_redelivery_after_success_republishes_without_generating() -> None
     assert len(ports.engine.calls) == 1  # type: ignore[attr-defined]
 
 
+async def test_a_finished_request_is_answered_while_the_directory_is_down() -> None:
+    """The directory is asked beside the ledger's `begin`; a redelivery of a finished
+    request is answered from the ledger, whatever the directory says meanwhile."""
+    service, ports = make()
+    first = await service.handle(body(), principal="alice")
+    ports.authorizer.unavailable_times = 1  # type: ignore[attr-defined]
+    again = await service.handle(body(), principal="alice")
+    assert again.republished and again.result == first.result
+    assert ports.authorizer.calls == 2  # type: ignore[attr-defined]
+
+
 async def test_quota_exceeded_is_rejected_and_nothing_is_charged() -> None:
     service, ports = make()
     result = (await service.handle(body(num_images=4), principal="alice")).result

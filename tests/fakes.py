@@ -26,6 +26,7 @@ from zimage_pipeline.ports import (
     JobBegin,
     Limits,
     ModelIdentity,
+    NewJob,
     QuotaLeft,
     RawImage,
     StoredObjectRef,
@@ -164,6 +165,10 @@ class FakeQuota:
                 raise RequestRejectedError("daily quota exhausted", reason="QUOTA_EXCEEDED")
             self.reserved[request_id] = (authorization.subject, images)
 
+    def refuses(self, authorization: Authorization, images: int) -> bool:
+        with self.lock:
+            return self._used(authorization.subject) + images > self.daily
+
     def commit(self, request_id: str, images: int) -> None:
         with self.lock:
             if request_id in self.reserved:
@@ -298,6 +303,7 @@ class FakeLedger:
     def __init__(self, jobs: FakeJobs, quota: FakeQuota, audit: FakeAudit) -> None:
         self.jobs, self.quota, self.audit = jobs, quota, audit
         self.discards: set[str] = set()  # queued by conclude, settled by outputs_discarded
+        self.fast_admissions = 0  # first deliveries admitted by admit_new
 
     def admit(
         self,
@@ -310,6 +316,33 @@ class FakeLedger:
         self.quota.reserve(request_id=request_id, authorization=authorization, images=images)
         self.jobs.mark(request_id, "running")
         self.audit.append_many(audit)
+
+    def admit_new(
+        self,
+        *,
+        job: NewJob,
+        authorization: Authorization,
+        images: int,
+        audit: Sequence[AuditRecord],
+    ) -> bool:
+        with self.jobs.lock:
+            if job.request_id in self.jobs.rows:
+                return False
+        if self.quota.refuses(authorization, images):
+            return False
+        begun = self.jobs.begin(
+            request_id=job.request_id,
+            payload_sha256=job.payload_sha256,
+            principal=job.principal,
+            on_behalf_of=job.on_behalf_of,
+            worker_id=job.worker_id,
+        )
+        assert begun.kind is BeginKind.NEW
+        self.admit(
+            request_id=job.request_id, authorization=authorization, images=images, audit=audit
+        )
+        self.fast_admissions += 1
+        return True
 
     def heartbeat(self, request_id: str, *, worker_id: str) -> bool:
         with self.jobs.lock:

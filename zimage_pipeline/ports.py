@@ -80,6 +80,17 @@ class Authorizer(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class NewJob:
+    """What `Jobs.begin` records of a delivery, for `Ledger.admit_new`."""
+
+    request_id: str
+    payload_sha256: str
+    principal: str
+    on_behalf_of: str
+    worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class QuotaLeft:
     day: int | None
     month: int | None
@@ -215,6 +226,20 @@ class Ledger(Protocol):
     ) -> None:
         """Reserve `images` against the quotas, mark the job running with the roles
         snapshot, append `audit`. A quota refusal raises and writes nothing."""
+        ...
+
+    def admit_new(
+        self,
+        *,
+        job: NewJob,
+        authorization: Authorization,
+        images: int,
+        audit: Sequence[AuditRecord],
+    ) -> bool:
+        """A first delivery in one transaction: create the job already running, reserve,
+        append `audit`. False, writing nothing, when the request_id is taken (a
+        redelivery, a duplicate) or the quota refuses: the caller then takes the step by
+        step path (`Jobs.begin`, `admit`), which tells those cases apart."""
         ...
 
     def heartbeat(self, request_id: str, *, worker_id: str) -> bool:

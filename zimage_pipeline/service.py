@@ -51,6 +51,7 @@ from zimage_pipeline.ports import (
     Engine,
     Jobs,
     Ledger,
+    NewJob,
     QuotaLeft,
     Store,
 )
@@ -114,6 +115,22 @@ class _Job:
     # The upload began: a failure from here on may leave objects that must be deleted.
     store_started: bool = False
     pending_audit: list[AuditRecord] = field(default_factory=list)
+
+
+def authorized_payload(auth: Authorization) -> dict[str, Any]:
+    return {
+        "user": auth.subject,
+        "principal": auth.principal,
+        "groups": list(auth.groups),
+        "roles": dict(auth.roles_snapshot),
+    }
+
+
+def quota_reserved(job: _Job) -> AuditRecord:
+    request = job.request
+    return AuditRecord(
+        request.request_id, "quota_reserved", job.principal, {"images": request.num_images}
+    )
 
 
 def _consume_outcome(future: asyncio.Future[Any]) -> None:
@@ -229,6 +246,10 @@ class RequestService:
             )
         )
         try:
+            admitted = await self._admit_first_delivery(request, principal, digest, authorizing)
+            if admitted is not None:
+                job, auth = admitted
+                return await self._run(job, lambda: self._execute(job, auth))
             return await self._begin_and_serve(request, principal, digest, authorizing)
         finally:
             # Not awaited on every path (a duplicate, an expired request), and then its
@@ -273,13 +294,68 @@ class RequestService:
         limit = self._config.max_job_attempts
         if limit and begin.attempts > limit:
             return await self._give_up(job, limit)
+        return await self._run(job, lambda: self._serve(job, authorizing))
+
+    async def _admit_first_delivery(
+        self,
+        request: GenerationRequest,
+        principal: str,
+        digest: str,
+        authorizing: asyncio.Future[Authorization],
+    ) -> tuple[_Job, Authorization] | None:
+        """The common case in one ledger transaction instead of two: a first delivery,
+        authorized, within its limits and its quota, becomes a running job with its
+        reservation and audit trail so far. None (nothing written) for anything else:
+        the step-by-step path (`_begin_and_serve`) then decides and records it, the
+        authorization's error included (the future keeps it)."""
+        job = _Job(
+            request=request,
+            principal=principal,
+            payload_sha256=digest,
+            attempt=1,
+            created_at=self._clock(),
+        )
+        try:
+            auth = await self._timed(job, "authorize", asyncio.shield(authorizing))
+            check_limits(request, auth)
+            self._check_not_expired(job)
+        except ZImageError:
+            return None
+        self._audit(job, "received", self._received_payload(job))
+        self._audit(job, "authorized", authorized_payload(auth))
+        admitted = await self._timed(
+            job,
+            "reserve",
+            self._io(
+                self._p.ledger.admit_new,
+                job=NewJob(
+                    request.request_id,
+                    digest,
+                    principal,
+                    request.on_behalf_of,
+                    self._config.worker_id,
+                ),
+                authorization=auth,
+                images=request.num_images,
+                audit=[*job.pending_audit, quota_reserved(job)],
+            ),
+        )
+        if not admitted:
+            return None
+        job.reserved = True
+        job.pending_audit = []
+        return job, auth
+
+    async def _run(self, job: _Job, work: Callable[[], Awaitable[GenerationResult]]) -> Outcome:
+        """Run an admitted (or to-be-admitted) job with its heartbeat; a refusal or a
+        failure ends it here, a RETRY or FATAL error propagates after its audit flush."""
         heartbeat = (
-            asyncio.create_task(self._keep_alive(request.request_id))
+            asyncio.create_task(self._keep_alive(job.request.request_id))
             if self._config.heartbeat_s > 0
             else None
         )
         try:
-            result = await self._serve(job, authorizing)
+            result = await work()
         except ZImageError as exc:
             if exc.disposition in (Disposition.RETRY, Disposition.FATAL):
                 with suppress(ZImageError):  # the ledger may be what is down
@@ -512,20 +588,8 @@ class RequestService:
         self._check_not_expired(job)
         auth = await self._timed(job, "authorize", authorizing)
         check_limits(request, auth)
-        self._audit(
-            job,
-            "authorized",
-            {
-                "user": auth.subject,
-                "principal": auth.principal,
-                "groups": list(auth.groups),
-                "roles": dict(auth.roles_snapshot),
-            },
-        )
+        self._audit(job, "authorized", authorized_payload(auth))
         self._check_not_expired(job)
-        reserved = AuditRecord(
-            request.request_id, "quota_reserved", job.principal, {"images": request.num_images}
-        )
         # One transaction: reserved, running and its audit trail so far, or nothing (a
         # quota refusal leaves the pending events for the denial to record).
         await self._timed(
@@ -536,12 +600,16 @@ class RequestService:
                 request_id=request.request_id,
                 authorization=auth,
                 images=request.num_images,
-                audit=[*job.pending_audit, reserved],
+                audit=[*job.pending_audit, quota_reserved(job)],
             ),
         )
         job.reserved = True
         job.pending_audit = []
+        return await self._execute(job, auth)
 
+    async def _execute(self, job: _Job, auth: Authorization) -> GenerationResult:
+        """Generate, encode, store and charge an admitted job."""
+        request = job.request
         specs = image_specs(request, effective_seed(request, job.payload_sha256))
         raw_images = await self._timed(job, "generate", self._gpu(self._p.engine.generate, specs))
         model = self._p.engine.identity

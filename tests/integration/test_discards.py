@@ -1,5 +1,6 @@
-"""Discards of failed requests' objects: the ledger queue (both backends) and the sweep
-against the real SeaweedFS, including a store that cannot be reached."""
+"""The Ledger port's units on both backends: first-delivery admission, and discards of
+failed requests' objects (the ledger queue and the sweep against the real SeaweedFS,
+including a store that cannot be reached)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from datetime import datetime
 import pytest
 from sqlalchemy import Engine, select
 
+from tests.fakes import GENEROUS
 from tests.integration.s3_support import storage_settings
 from zimage_pipeline.audit.chain import AuditLog
 from zimage_pipeline.audit.verify import verify_chain
@@ -19,7 +21,9 @@ from zimage_pipeline.ledger.discards import DiscardQueue
 from zimage_pipeline.ledger.jobs import JobStore
 from zimage_pipeline.ledger.models import AuditEventRow
 from zimage_pipeline.ledger.quota import QuotaLedger
-from zimage_pipeline.settings import AuditSettings, DatabaseSettings
+from zimage_pipeline.policy import EffectivePolicy, QuotaLimits
+from zimage_pipeline.ports import AuditRecord, Authorization, NewJob
+from zimage_pipeline.settings import AuditSettings, DatabaseSettings, PriorityClass
 from zimage_pipeline.storage import ObjectStore, image_key
 from zimage_pipeline.wiring.discards import DiscardSweeper
 from zimage_pipeline.wiring.ledger import LedgerUnits
@@ -121,3 +125,51 @@ def test_unreachable_store_keeps_the_discard_queued_with_the_error(ledger: Engin
     (pending,) = queue.pending(limit=10)
     assert (pending.request_id, pending.attempts) == ("r-later", 1)
     assert discarded_keys(ledger, "r-later") == []
+
+
+def authorization(user: str, images_per_day: int) -> Authorization:
+    policy = EffectivePolicy(
+        username=user,
+        roles=("generator",),
+        granted_by=(),
+        max_pixels=GENEROUS.max_pixels,
+        max_side=GENEROUS.max_side,
+        max_images=GENEROUS.max_images,
+        max_steps=GENEROUS.max_steps,
+        allowed_formats=frozenset({"png"}),
+        priority=PriorityClass.STANDARD,
+        generate=True,
+        delegate=False,
+        user_quota=QuotaLimits(images_per_day=images_per_day),
+        teams=(),
+    )
+    return Authorization(user, user, GENEROUS, {"roles": ["generator"]}, policy)
+
+
+def test_a_first_delivery_is_admitted_in_one_transaction_or_not_at_all(ledger: Engine) -> None:
+    """admit_new: a new request_id becomes a running job with its reservation and trail;
+    a taken id or a quota refusal writes nothing (the worker then goes step by step)."""
+    units_, _ = units(ledger)
+    trail = [
+        AuditRecord("n1", "received", "alice", {}),
+        AuditRecord("n1", "authorized", "alice", {}),
+    ]
+    job = NewJob("n1", "0" * 64, "alice", "alice", "w1")
+    auth = authorization("alice", images_per_day=3)
+    assert units_.admit_new(job=job, authorization=auth, images=2, audit=trail)
+    assert not units_.admit_new(job=job, authorization=auth, images=2, audit=trail)
+    refused = NewJob("n2", "0" * 64, "alice", "alice", "w1")
+    trail2 = [AuditRecord("n2", "received", "alice", {})]
+    assert not units_.admit_new(job=refused, authorization=auth, images=2, audit=trail2)
+    jobs = JobStore(ledger)
+    first = jobs.get("n1")
+    assert first is not None and (first.status.value, first.attempts) == ("running", 1)
+    assert first.roles_snapshot == {"roles": ["generator"]}
+    assert jobs.get("n2") is None
+    quota = QuotaLedger(ledger)
+    left = quota.remaining(user="alice", teams=(), user_limits=QuotaLimits(images_per_day=3))
+    assert left.day == 1  # n1's two images held once, n2's nothing
+    with ledger.connect() as conn:
+        events = conn.execute(select(AuditEventRow.request_id, AuditEventRow.event_type)).all()
+    assert sorted(map(tuple, events)) == [("n1", "authorized"), ("n1", "received")]
+    assert verify_chain(ledger).ok

@@ -124,6 +124,22 @@ async def test_quota_exceeded_is_rejected_and_nothing_is_charged() -> None:
     assert not ports.ledger.quota.committed and not ports.engine.calls  # type: ignore[attr-defined]
 
 
+async def test_first_deliveries_are_admitted_in_one_step_and_the_rest_step_by_step() -> None:
+    """A first, authorized delivery within its quota is admitted by admit_new (one
+    ledger transaction); a refusal or a redelivery falls back to begin + admit, which
+    records the same trail."""
+    service, ports = make()
+    ok = (await service.handle(body("r1"), principal="alice")).result
+    again = await service.handle(body("r1"), principal="alice")
+    refused = (await service.handle(body("r2", num_images=4), principal="alice")).result
+    assert ok.status is Status.SUCCEEDED and again.republished
+    assert (refused.status, refused.reason) == (Status.REJECTED, "QUOTA_EXCEEDED")
+    assert ports.ledger.fast_admissions == 1  # type: ignore[attr-defined]
+    events = [(r, e) for r, e in ports.audit.events]  # type: ignore[attr-defined]
+    assert [e for r, e in events if r == "r2"][:2] == ["received", "authorized"]
+    assert set(ok.timings_s) >= {"authorize", "reserve", "generate", "store"}
+
+
 async def test_policy_limits_name_what_was_exceeded() -> None:
     tight = Limits(
         generate=True,

@@ -181,6 +181,37 @@ class JobStore:
 
         return run_write(self._engine, work)
 
+    def create_running(
+        self,
+        *,
+        request_id: str,
+        payload_sha256: str,
+        principal: str,
+        on_behalf_of: str,
+        worker_id: str,
+        roles_snapshot: Mapping[str, Any],
+        connection: Connection,
+    ) -> bool:
+        """`begin` and `start` of a first delivery in the caller's transaction: the job
+        is inserted running. False, inserting nothing, if the request_id exists."""
+        at = utcnow()
+        created = connection.execute(
+            _insert_new(connection.dialect.name),
+            {
+                "request_id": request_id,
+                "payload_sha256": payload_sha256,
+                "principal": principal,
+                "on_behalf_of": on_behalf_of,
+                "status": JobStatus.RUNNING.value,
+                "attempts": 1,
+                "worker_id": worker_id,
+                "roles_snapshot": dict(roles_snapshot),
+                "created_at": at,
+                "updated_at": at,
+            },
+        ).first()
+        return created is not None
+
     def mark(
         self,
         request_id: str,

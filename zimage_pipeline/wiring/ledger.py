@@ -3,7 +3,8 @@
 Statement order inside every transaction is the lock order: the quota rows (reservation,
 counters), then the job row, then the audit chain head last. The head is the one lock
 every worker shares, so it is taken at the end and held only for the audit statements
-and the commit.
+and the commit. (`admit_new` inserts its job row first: a row no other transaction can
+be waiting for, since every other step of that request starts only after it commits.)
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from zimage_pipeline.ledger.models import JobStatus
 from zimage_pipeline.ledger.quota import QuotaLedger
 from zimage_pipeline.ledger.quota_types import QuotaExceededError
 from zimage_pipeline.ledger.txn import run_write
-from zimage_pipeline.ports import AuditRecord, Authorization, QuotaLeft
+from zimage_pipeline.ports import AuditRecord, Authorization, NewJob, QuotaLeft
 from zimage_pipeline.wiring.identity import policy_of
 
 
@@ -74,6 +75,46 @@ class LedgerUnits:
             if self._quota.expire_leases() == 0:
                 raise
             run_write(self._engine, work)
+
+    def admit_new(
+        self,
+        *,
+        job: NewJob,
+        authorization: Authorization,
+        images: int,
+        audit: Sequence[AuditRecord],
+    ) -> bool:
+        policy = policy_of(authorization)
+
+        def work(connection: Connection) -> bool:
+            # The job row first: a taken id is the common reason to fall back, and it
+            # is found before any quota row is locked.
+            if not self._jobs.create_running(
+                request_id=job.request_id,
+                payload_sha256=job.payload_sha256,
+                principal=job.principal,
+                on_behalf_of=job.on_behalf_of,
+                worker_id=job.worker_id,
+                roles_snapshot=authorization.roles_snapshot,
+                connection=connection,
+            ):
+                return False
+            self._quota.reserve(
+                request_id=job.request_id,
+                user=authorization.subject,
+                teams=policy.teams,
+                images=images,
+                user_limits=policy.user_quota,
+                lease_s=self._lease_s,
+                connection=connection,
+            )
+            self._audit.append_many(audit, connection=connection)
+            return True
+
+        try:
+            return run_write(self._engine, work)
+        except QuotaExceededError:
+            return False  # rolled back, the job row too: the step-by-step path refuses
 
     def heartbeat(self, request_id: str, *, worker_id: str) -> bool:
         def work(connection: Connection) -> bool:

@@ -14,7 +14,9 @@ Measurements in one run:
   what the services themselves cost on this machine;
 - latency: requests sent one at a time through one in-process worker; overhead =
   end-to-end time (publish to result received) minus the stub's generation time, p50/p99,
-  with the time per phase and per ledger call;
+  with the time per phase and per ledger call; then the same series with the Store port
+  replaced by one that keys and hashes but does not PUT (StoreWithoutServer), a
+  decomposition: how much of the overhead is everything but the object store's PUT;
 - saturated: 60 requests published at once to one worker whose stub takes an H100's time
   per image (0.82 s): the share of wall time the engine thread generates, and the gaps
   between generations (the time the GPU would wait for the control plane);
@@ -39,6 +41,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,8 +62,10 @@ from tests.integration.worker_harness import (  # noqa: E402
 from zimage_pipeline.ledger import migrate  # noqa: E402
 from zimage_pipeline.ledger.db import create_ledger_engine  # noqa: E402
 from zimage_pipeline.ledger.quota import QuotaLedger  # noqa: E402
+from zimage_pipeline.messages import GenerationRequest  # noqa: E402
+from zimage_pipeline.ports import EncodedImage, StoredObjectRef, StoredOutputs  # noqa: E402
 from zimage_pipeline.settings import Settings, load_settings  # noqa: E402
-from zimage_pipeline.storage import ObjectStore  # noqa: E402
+from zimage_pipeline.storage import ObjectStore, audit_record_key, image_key, wire  # noqa: E402
 from zimage_pipeline.wiring import build  # noqa: E402
 
 USER = "cms-publisher"
@@ -86,6 +91,40 @@ class Timed:
                 self._totals.setdefault(key, []).append(time.perf_counter() - started)
 
         return timed
+
+
+class StoreWithoutServer:
+    """The Store port without the object store's own work, for one decomposition series
+    only: keys and SHA-256 digests as S3Store computes them, no PUT. The headline
+    latency uses the real S3Store; this series says how much of it is everything else."""
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+
+    def store(
+        self,
+        *,
+        request: GenerationRequest,
+        created_at: datetime,
+        images: Sequence[EncodedImage],
+        audit_record: Mapping[str, Any],
+        first_attempt: bool = False,
+    ) -> StoredOutputs:
+        refs = [
+            StoredObjectRef(
+                "bench",
+                image_key(self._prefix, created_at, request.request_id, i, "png"),
+                None,
+                wire.sha256_digests(image.data)[0],
+                len(image.data),
+            )
+            for i, image in enumerate(images)
+        ]
+        record_key = audit_record_key(self._prefix, created_at, request.request_id)
+        return StoredOutputs(images=refs, audit_record_key=record_key)
+
+    def discard(self, *, request_id: str, created_at: datetime) -> list[str]:
+        return []
 
 
 def fresh_database() -> str:
@@ -127,6 +166,43 @@ def references(settings: Settings, rounds: int = 40) -> dict[str, float]:
     return {
         "s3_raw_put_1_5MB_ms_p50": ms(statistics.median(put)),
         "postgres_empty_transaction_ms_p50": ms(statistics.median(commit)),
+    }
+
+
+async def one_at_a_time(
+    settings: Settings,
+    ports: Any,
+    cms: Any,
+    args: argparse.Namespace,
+    calls: dict[str, list[float]],
+    tag: str,
+) -> dict[str, Any]:
+    """Requests one at a time through one in-process worker: overhead = publish to
+    result received, minus the stub's generation time; per phase and per ledger call."""
+    stub_s = args.generate_ms / 1000
+    overheads: list[float] = []
+    phases: dict[str, list[float]] = {}
+    async with running_worker(settings, ports, worker_id=f"bench-{tag}"):
+        for i in range(args.latency_requests + 5):
+            if i == 5:
+                calls.clear()  # warm-up over: connections, caches
+            rid = f"{tag}-{i}"
+            started = time.perf_counter()
+            await cms.publish(request(rid))
+            result = await cms.result_of(rid, wait_s=60)
+            elapsed = time.perf_counter() - started
+            assert result["status"] == "succeeded", result
+            if i >= 5:
+                overheads.append(elapsed - stub_s)
+                for phase, seconds in result["timings_s"].items():
+                    phases.setdefault(phase, []).append(seconds)
+    return {
+        "requests": len(overheads),
+        "stub_generate_ms": args.generate_ms,
+        "overhead_ms_p50": ms(statistics.median(overheads)),
+        "overhead_ms_p99": ms(pct(overheads, 0.99)),
+        "phase_ms_p50": {k: ms(statistics.median(v)) for k, v in phases.items()},
+        "calls_ms_p50_and_count": {k: [ms(statistics.median(v)), len(v)] for k, v in calls.items()},
     }
 
 
@@ -271,23 +347,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async with running_worker(settings, ports, worker_id="bench-setup"):
             pass  # declare the topology before the client binds its results queue
         async with client(settings, USER) as cms:
-            # Latency: one request at a time through one worker.
-            overheads: list[float] = []
-            phases: dict[str, list[float]] = {}
-            async with running_worker(settings, ports, worker_id="bench-0"):
-                for i in range(args.latency_requests + 5):
-                    if i == 5:
-                        calls.clear()  # warm-up over: connections, caches
-                    rid = f"lat-{i}"
-                    started = time.perf_counter()
-                    await cms.publish(request(rid))
-                    result = await cms.result_of(rid, wait_s=60)
-                    elapsed = time.perf_counter() - started
-                    assert result["status"] == "succeeded", result
-                    if i >= 5:
-                        overheads.append(elapsed - stub_s)
-                        for phase, seconds in result["timings_s"].items():
-                            phases.setdefault(phase, []).append(seconds)
+            # Latency: one request at a time through one worker; then the same without the
+            # object store's PUT (decomposition only).
+            latency = await one_at_a_time(settings, ports, cms, args, calls, "lat")
+            store_free = replace(ports, store=StoreWithoutServer(settings.storage.prefix))
+            without_put = await one_at_a_time(settings, store_free, cms, args, {}, "nostore")
             # Saturated queue, one worker, a GPU-like generation time: does the "GPU" (the
             # engine thread) ever wait for the control plane?
             gpu = StubEngine(args.saturated_generate_ms / 1000)
@@ -315,15 +379,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "services": "RabbitMQ 3.10, PostgreSQL 15 ledger, slapd (warm cache), SeaweedFS",
         "payload_bytes": len(PAYLOAD),
         "references": reference,
-        "latency": {
-            "requests": len(overheads),
-            "stub_generate_ms": args.generate_ms,
-            "overhead_ms_p50": ms(statistics.median(overheads)),
-            "overhead_ms_p99": ms(pct(overheads, 0.99)),
-            "phase_ms_p50": {k: ms(statistics.median(v)) for k, v in phases.items()},
-            "calls_ms_p50_and_count": {
-                k: [ms(statistics.median(v)), len(v)] for k, v in calls.items()
-            },
+        "latency": latency,
+        "latency_without_the_store_put": {
+            **without_put,
+            "note": "decomposition only: the Store port keyed and hashed, no PUT (StoreWithoutServer)",
         },
         "saturated_one_worker": saturated,
         "throughput": runs,

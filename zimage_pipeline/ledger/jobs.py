@@ -131,20 +131,8 @@ class JobStore:
             at = utcnow()
             # The common case, a new request, in one statement: insert unless the id is
             # taken, and get the row back (a taken id inserts nothing and returns none).
-            created = connection.execute(
-                _insert_new(connection.dialect.name),
-                {
-                    "request_id": request_id,
-                    "payload_sha256": payload_sha256,
-                    "principal": principal,
-                    "on_behalf_of": on_behalf_of,
-                    "status": JobStatus.RECEIVED.value,
-                    "attempts": 1,
-                    "worker_id": worker_id,
-                    "created_at": at,
-                    "updated_at": at,
-                },
-            ).first()
+            new = _new_row(request_id, payload_sha256, principal, on_behalf_of, worker_id, at)
+            created = connection.execute(_insert_new(connection.dialect.name), new).first()
             if created is not None:
                 return JobBegin(BeginKind.NEW, _record(created))
             job = _require(connection, request_id)
@@ -194,23 +182,9 @@ class JobStore:
     ) -> bool:
         """`begin` and `start` of a first delivery in the caller's transaction: the job
         is inserted running. False, inserting nothing, if the request_id exists."""
-        at = utcnow()
-        created = connection.execute(
-            _insert_new(connection.dialect.name),
-            {
-                "request_id": request_id,
-                "payload_sha256": payload_sha256,
-                "principal": principal,
-                "on_behalf_of": on_behalf_of,
-                "status": JobStatus.RUNNING.value,
-                "attempts": 1,
-                "worker_id": worker_id,
-                "roles_snapshot": dict(roles_snapshot),
-                "created_at": at,
-                "updated_at": at,
-            },
-        ).first()
-        return created is not None
+        row = _new_row(request_id, payload_sha256, principal, on_behalf_of, worker_id, utcnow())
+        row.update(status=JobStatus.RUNNING.value, roles_snapshot=dict(roles_snapshot))
+        return connection.execute(_insert_new(connection.dialect.name), row).first() is not None
 
     def mark(
         self,
@@ -336,6 +310,28 @@ class JobStore:
         if connection is not None:
             return work(connection)
         return run_write(self._engine, work)
+
+
+def _new_row(
+    request_id: str,
+    payload_sha256: str,
+    principal: str,
+    on_behalf_of: str,
+    worker_id: str,
+    at: datetime,
+) -> dict[str, Any]:
+    """A first delivery's job row, received, attempt 1."""
+    return {
+        "request_id": request_id,
+        "payload_sha256": payload_sha256,
+        "principal": principal,
+        "on_behalf_of": on_behalf_of,
+        "status": JobStatus.RECEIVED.value,
+        "attempts": 1,
+        "worker_id": worker_id,
+        "created_at": at,
+        "updated_at": at,
+    }
 
 
 # The two statements every request runs, built once: building a statement costs more

@@ -51,18 +51,8 @@ class LedgerUnits:
         images: int,
         audit: Sequence[AuditRecord],
     ) -> None:
-        policy = policy_of(authorization)
-
         def work(connection: Connection) -> None:
-            self._quota.reserve(
-                request_id=request_id,
-                user=authorization.subject,
-                teams=policy.teams,
-                images=images,
-                user_limits=policy.user_quota,
-                lease_s=self._lease_s,
-                connection=connection,
-            )
+            self._reserve(request_id, authorization, images, connection)
             self._jobs.start(
                 request_id, roles_snapshot=authorization.roles_snapshot, connection=connection
             )
@@ -84,8 +74,6 @@ class LedgerUnits:
         images: int,
         audit: Sequence[AuditRecord],
     ) -> bool:
-        policy = policy_of(authorization)
-
         def work(connection: Connection) -> bool:
             # The job row first: a taken id is the common reason to fall back, and it
             # is found before any quota row is locked.
@@ -99,15 +87,7 @@ class LedgerUnits:
                 connection=connection,
             ):
                 return False
-            self._quota.reserve(
-                request_id=job.request_id,
-                user=authorization.subject,
-                teams=policy.teams,
-                images=images,
-                user_limits=policy.user_quota,
-                lease_s=self._lease_s,
-                connection=connection,
-            )
+            self._reserve(job.request_id, authorization, images, connection)
             self._audit.append_many(audit, connection=connection)
             return True
 
@@ -115,6 +95,20 @@ class LedgerUnits:
             return run_write(self._engine, work)
         except QuotaExceededError:
             return False  # rolled back, the job row too: the step-by-step path refuses
+
+    def _reserve(
+        self, request_id: str, authorization: Authorization, images: int, connection: Connection
+    ) -> None:
+        policy = policy_of(authorization)
+        self._quota.reserve(
+            request_id=request_id,
+            user=authorization.subject,
+            teams=policy.teams,
+            images=images,
+            user_limits=policy.user_quota,
+            lease_s=self._lease_s,
+            connection=connection,
+        )
 
     def heartbeat(self, request_id: str, *, worker_id: str) -> bool:
         def work(connection: Connection) -> bool:

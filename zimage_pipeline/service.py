@@ -133,9 +133,18 @@ def quota_reserved(job: _Job) -> AuditRecord:
     )
 
 
-def _consume_outcome(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
+@dataclass(frozen=True, slots=True)
+class _Authorized:
+    """The directory's answer, asked once per delivery before the ledger is touched: an
+    authorization, or the error that is the request's outcome if it is to run."""
+
+    outcome: Authorization | ZImageError
+    seconds: float
+
+    def get(self) -> Authorization:
+        if isinstance(self.outcome, ZImageError):
+            raise self.outcome
+        return self.outcome
 
 
 def payload_digest(request: GenerationRequest) -> str:
@@ -236,32 +245,29 @@ class RequestService:
 
     async def _handle_valid(self, request: GenerationRequest, principal: str) -> Outcome:
         digest = payload_digest(request)
-        # The directory is asked while the ledger records the delivery: two round trips
-        # side by side. The answer is used only once `begin` says the request is to run.
-        authorizing = asyncio.ensure_future(
-            self._io(
-                self._p.authorizer.authorize,
-                principal=principal,
-                on_behalf_of=request.on_behalf_of,
-            )
-        )
+        authorized = await self._authorize(request, principal)
+        admitted = await self._admit_first_delivery(request, principal, digest, authorized)
+        if admitted is not None:
+            job, auth = admitted
+            return await self._run(job, lambda: self._execute(job, auth))
+        return await self._begin_and_serve(request, principal, digest, authorized)
+
+    async def _authorize(self, request: GenerationRequest, principal: str) -> _Authorized:
+        started = time.perf_counter()
         try:
-            admitted = await self._admit_first_delivery(request, principal, digest, authorizing)
-            if admitted is not None:
-                job, auth = admitted
-                return await self._run(job, lambda: self._execute(job, auth))
-            return await self._begin_and_serve(request, principal, digest, authorizing)
-        finally:
-            # Not awaited on every path (a duplicate, an expired request), and then its
-            # error, if any, is not this request's outcome: mark it seen.
-            authorizing.add_done_callback(_consume_outcome)
+            outcome: Authorization | ZImageError = await self._io(
+                self._p.authorizer.authorize, principal=principal, on_behalf_of=request.on_behalf_of
+            )
+        except ZImageError as exc:
+            outcome = exc
+        return _Authorized(outcome, round(time.perf_counter() - started, 6))
 
     async def _begin_and_serve(
         self,
         request: GenerationRequest,
         principal: str,
         digest: str,
-        authorizing: asyncio.Future[Authorization],
+        authorized: _Authorized,
     ) -> Outcome:
         begin = await self._io(
             self._p.jobs.begin,
@@ -294,20 +300,20 @@ class RequestService:
         limit = self._config.max_job_attempts
         if limit and begin.attempts > limit:
             return await self._give_up(job, limit)
-        return await self._run(job, lambda: self._serve(job, authorizing))
+        return await self._run(job, lambda: self._serve(job, authorized))
 
     async def _admit_first_delivery(
         self,
         request: GenerationRequest,
         principal: str,
         digest: str,
-        authorizing: asyncio.Future[Authorization],
+        authorized: _Authorized,
     ) -> tuple[_Job, Authorization] | None:
         """The common case in one ledger transaction instead of two: a first delivery,
         authorized, within its limits and its quota, becomes a running job with its
         reservation and audit trail so far. None (nothing written) for anything else:
         the step-by-step path (`_begin_and_serve`) then decides and records it, the
-        authorization's error included (the future keeps it)."""
+        authorization's error included."""
         job = _Job(
             request=request,
             principal=principal,
@@ -315,8 +321,9 @@ class RequestService:
             attempt=1,
             created_at=self._clock(),
         )
+        job.timings["authorize"] = authorized.seconds
         try:
-            auth = await self._timed(job, "authorize", asyncio.shield(authorizing))
+            auth = authorized.get()
             check_limits(request, auth)
             self._check_not_expired(job)
         except ZImageError:
@@ -581,12 +588,11 @@ class RequestService:
         if expires_at is not None and self._clock() >= expires_at:
             raise RequestExpiredError(f"the request expired at {expires_at.isoformat()}")
 
-    async def _serve(
-        self, job: _Job, authorizing: asyncio.Future[Authorization]
-    ) -> GenerationResult:
+    async def _serve(self, job: _Job, authorized: _Authorized) -> GenerationResult:
         request = job.request
         self._check_not_expired(job)
-        auth = await self._timed(job, "authorize", authorizing)
+        job.timings["authorize"] = authorized.seconds
+        auth = authorized.get()
         check_limits(request, auth)
         self._audit(job, "authorized", authorized_payload(auth))
         self._check_not_expired(job)

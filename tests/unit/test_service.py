@@ -107,8 +107,8 @@ async def test_redelivery_after_success_republishes_without_generating() -> None
 
 
 async def test_a_finished_request_is_answered_while_the_directory_is_down() -> None:
-    """The directory is asked beside the ledger's `begin`; a redelivery of a finished
-    request is answered from the ledger, whatever the directory says meanwhile."""
+    """The directory is asked before the ledger; a redelivery of a finished request is
+    answered from the ledger, whatever the directory says meanwhile."""
     service, ports = make()
     first = await service.handle(body(), principal="alice")
     ports.authorizer.unavailable_times = 1  # type: ignore[attr-defined]

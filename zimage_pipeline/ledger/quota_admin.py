@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Connection, delete, select, update
 
@@ -17,6 +18,7 @@ from zimage_pipeline.ledger.quota_rows import (
     ENTRIES,
     LIMITS,
     CounterKey,
+    Override,
     append_entry,
     counter_keys,
     effective_limits,
@@ -38,7 +40,7 @@ from zimage_pipeline.policy import QuotaLimits
 
 def usage(connection: Connection, subject: str, limits: QuotaLimits, now: datetime) -> QuotaStatus:
     per = periods(now)
-    effective = effective_limits({subject: limits}, limit_overrides(connection, [subject]))[subject]
+    overrides = limit_overrides(connection, [subject])
     query = select(COUNTERS).where(
         COUNTERS.c.subject == subject,
         ((COUNTERS.c.window_kind == Window.DAY.value) & (COUNTERS.c.period == per[Window.DAY]))
@@ -48,23 +50,14 @@ def usage(connection: Connection, subject: str, limits: QuotaLimits, now: dateti
         ),
     )
     rows = {r.window_kind: r for r in connection.execute(query)}
-    windows = []
-    for window, limit in (
-        (Window.DAY, effective.images_per_day),
-        (Window.MONTH, effective.images_per_month),
-    ):
-        row = rows.get(window.value)
-        windows.append(
-            WindowUsage(
-                window=window,
-                period=per[window],
-                used=row.used if row else 0,
-                reserved=row.reserved if row else 0,
-                granted=row.granted if row else 0,
-                limit=limit,
-            )
-        )
-    return QuotaStatus(subject=subject, windows=tuple(windows))
+    return _status(
+        subject,
+        limits,
+        overrides.get(subject),
+        per,
+        rows.get(Window.DAY.value),
+        rows.get(Window.MONTH.value),
+    )
 
 
 def status_from(
@@ -75,23 +68,36 @@ def status_from(
 ) -> QuotaStatus | None:
     """`usage` without a read, from counter rows the caller holds (locked): None unless
     both of the subject's current rows (day and month of `per`) are there."""
-    rows = [counters.get((subject, w.value, per[w])) for w in (Window.DAY, Window.MONTH)]
-    if rows[0] is None or rows[1] is None:
+    day = counters.get((subject, Window.DAY.value, per[Window.DAY]))
+    month = counters.get((subject, Window.MONTH.value, per[Window.MONTH]))
+    if day is None or month is None:
         return None
-    override = rows[0].override
+    return _status(subject, limits, day.override, per, day, month)
+
+
+def _status(
+    subject: str,
+    limits: QuotaLimits,
+    override: Override | None,
+    per: Mapping[Window, str],
+    day: Any,
+    month: Any,
+) -> QuotaStatus:
+    """A subject's usage from its day and month counters (rows or CounterStates with
+    used/reserved/granted; None: nothing counted yet) and its override, if any."""
     effective = effective_limits({subject: limits}, {subject: override} if override else {})
     windows = tuple(
         WindowUsage(
             window=window,
             period=per[window],
-            used=row.used,
-            reserved=row.reserved,
-            granted=row.granted,
+            used=row.used if row else 0,
+            reserved=row.reserved if row else 0,
+            granted=row.granted if row else 0,
             limit=limit,
         )
         for window, row, limit in (
-            (Window.DAY, rows[0], effective[subject].images_per_day),
-            (Window.MONTH, rows[1], effective[subject].images_per_month),
+            (Window.DAY, day, effective[subject].images_per_day),
+            (Window.MONTH, month, effective[subject].images_per_month),
         )
     )
     return QuotaStatus(subject=subject, windows=windows)

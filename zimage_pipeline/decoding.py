@@ -8,6 +8,7 @@ so that the rejected result tells the client what to fix. Input values are never
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -16,6 +17,12 @@ from zimage_pipeline.errors import InvalidRequestError
 from zimage_pipeline.messages import CancelRequest, GenerationRequest
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
+# A request nests two levels (the body, `labels`); the limit leaves room for contract
+# growth and stays far below the parsers' recursion limits.
+MAX_NESTING_DEPTH = 16
+# One pass, linear time: a string literal (its closing quote optional, so an unterminated
+# one ends the scan instead of being retried from every later quote) or a bracket.
+_STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"?|([\[\]{}])')
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -36,13 +43,35 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(problems)
 
 
-def _decode(body: bytes, model: type[_M], *, max_bytes: int) -> _M:
+def nesting_depth(text: str) -> int:
+    """How deeply arrays and objects nest in a JSON text (0 for a scalar), counted
+    without parsing, in one linear scan that skips string literals.
+    Malformed text gets some number; the parser then names its real problem."""
+    depth = deepest = 0
+    for bracket in _STRING_OR_BRACKET.findall(text):
+        if bracket in ("[", "{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif bracket:
+            depth -= 1
+    return deepest
+
+
+def _parse_object(body: bytes, *, max_bytes: int) -> dict[str, Any]:
+    """The body as a JSON object, within the size and nesting limits, else an error that
+    names the problem. Nesting is checked before parsing: a valid body of thousands of
+    nested arrays makes the recursive parsers raise RecursionError, not a clear answer."""
     if len(body) > max_bytes:
         raise InvalidRequestError(f"body: {len(body)} bytes exceeds the limit of {max_bytes}")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidRequestError(f"body: not valid UTF-8 at byte {exc.start}") from exc
+    depth = nesting_depth(text)
+    if depth > MAX_NESTING_DEPTH:
+        raise InvalidRequestError(
+            f"body: JSON nested {depth} levels deep, more than the limit of {MAX_NESTING_DEPTH}"
+        )
     try:
         # The stdlib parser first: it names the position of a syntax error, and with
         # parse_constant we refuse NaN/Infinity, which are not JSON.
@@ -51,6 +80,22 @@ def _decode(body: bytes, model: type[_M], *, max_bytes: int) -> _M:
         raise InvalidRequestError(f"body: not valid JSON ({exc})") from exc
     if not isinstance(document, dict):
         raise InvalidRequestError(f"body: expected a JSON object, got {type(document).__name__}")
+    return document
+
+
+def read_json_object(
+    body: bytes, *, max_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> dict[str, Any] | None:
+    """Best effort, never raising: the body as a JSON object within the limits, or None."""
+    try:
+        return _parse_object(body, max_bytes=max_bytes)
+    except (InvalidRequestError, RecursionError):
+        return None
+
+
+def _decode(body: bytes, model: type[_M], *, max_bytes: int) -> _M:
+    _parse_object(body, max_bytes=max_bytes)
+    text = body.decode("utf-8")
     try:
         # Strict JSON-mode validation: types exactly as JSON gives them.
         return model.model_validate_json(text, strict=True)
@@ -72,13 +117,8 @@ def decode_cancel(body: bytes, *, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Ca
 
 def peek_request_id(body: bytes, *, max_bytes: int = DEFAULT_MAX_BODY_BYTES) -> str | None:
     """Best effort: the request_id of an invalid message, if it has a valid one."""
-    if len(body) > max_bytes:
-        return None
-    try:
-        document = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
-    except ValueError:
-        return None
-    if not isinstance(document, dict):
+    document = read_json_object(body, max_bytes=max_bytes)
+    if document is None:
         return None
     candidate = document.get("request_id")
     if not isinstance(candidate, str):

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zimage_pipeline.decoding import decode_cancel, decode_request, peek_request_id
+from zimage_pipeline.decoding import (
+    decode_cancel,
+    decode_request,
+    nesting_depth,
+    peek_request_id,
+    read_json_object,
+)
 from zimage_pipeline.errors import Disposition, InvalidRequestError
 from zimage_pipeline.messages import DEFAULT_STEPS, ImageFormat, Priority
 
@@ -173,3 +180,35 @@ def test_fuzz_json_objects_are_valid_or_named(document: dict[str, Any]) -> None:
     else:
         assert request.width % 16 == 0 and request.height % 16 == 0
         assert "extra" not in document
+
+
+@pytest.mark.parametrize(
+    ("body", "depth"),
+    [
+        (b'{"a": 1}', 1),
+        (b'{"labels": {"k": "v"}}', 2),
+        (rb'{"a": "[[[{{{", "b": ["\"[", {"c": []}]}', 4),  # brackets in strings skipped
+        (b'"unterminated [[[', 0),
+        (b"[" * 40 + b"]" * 40, 40),
+    ],
+)
+def test_nesting_depth_counts_brackets_outside_strings(body: bytes, depth: int) -> None:
+    assert nesting_depth(body.decode()) == depth
+
+
+def test_deeply_nested_json_is_a_clear_invalid_request_not_a_recursion_error() -> None:
+    # 40 KB of nested arrays: under the size limit, deeper than any parser recursion.
+    body = b'{"request_id": "deep-1", "labels": ' + b"[" * 20000 + b"]" * 20000 + b"}"
+    with pytest.raises(InvalidRequestError, match="nested 20001 levels deep"):
+        decode_request(body)
+    assert peek_request_id(body) is None
+    assert read_json_object(body) is None
+
+
+def test_depth_scan_is_linear_on_hostile_quotes() -> None:
+    # Thousands of escaped quotes with no closing one: a scan that retried every quote as
+    # the start of a string would be quadratic (seconds); this must stay instant.
+    body = ('["' + '\\"' * 30000).encode()
+    started = time.perf_counter()
+    assert read_json_object(body) is None
+    assert time.perf_counter() - started < 0.5

@@ -9,8 +9,9 @@ redelivery into a takeover or a republish, never into a second charge.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from zimage_pipeline.decoding import decode_cancel
+from zimage_pipeline.decoding import decode_cancel, read_json_object
 from zimage_pipeline.errors import Disposition, JobBusyError, ZImageError
 from zimage_pipeline.messages import RESULT_SCHEMA, GenerationResult, Priority
 from zimage_pipeline.observability import Metrics, bind_job, unbind_job
@@ -36,8 +37,16 @@ log = logging.getLogger(__name__)
 
 ATTEMPT_HEADER = "x-zimage-attempt"
 PRINCIPAL_HEADER = "x-zimage-principal"
+# Every copy a worker republishes through a delay queue carries its own id and the time
+# it was sent, so an operator (and the fault matrix) can tell that each copy came back
+# exactly once, and after the delay it asked for.
+COPY_ID_HEADER = "x-zimage-copy-id"
+REPUBLISHED_AT_HEADER = "x-zimage-republished-at-ms"
 DEFER_DELAY_S = 1
 EXIT_FATAL = 70
+# Readiness: pending deliveries with none started or finished for this long mean the
+# consumer is wedged. Above any sane generation (a hung one is the GPU watchdog's).
+STALL_AFTER_S = 600.0
 PUBLISH_TIMEOUT_S = 30.0
 ACK_TIMEOUT_S = 10.0
 
@@ -72,8 +81,10 @@ class Worker:
         settings: WorkerSettings,
         service: RequestService,
         metrics: Metrics,
+        stall_after_s: float = STALL_AFTER_S,
     ) -> None:
         self._connect = connect
+        self._stall_after_s = stall_after_s
         self._broker = broker
         self._settings = settings
         self._service = service
@@ -91,8 +102,23 @@ class Worker:
         self._publish_channel: AbstractChannel | None = None
         self._stopping = False
         self.fatal: ZImageError | None = None
-        self.ready = False
+        self._consuming = False
         self.connections_opened = 0
+        # When a delivery last finished (answered, retried or requeued): readiness
+        # requires progress while there is work (see `stalled`).
+        self.last_progress = time.monotonic()
+
+    @property
+    def ready(self) -> bool:
+        """Consuming, and making progress: a worker holding deliveries that neither start
+        nor finish for `STALL_AFTER_S` is wedged (it holds its prefetch slots), so it
+        must stop attracting traffic even though its connection is fine."""
+        return self._consuming and not self.stalled()
+
+    def stalled(self, *, now: float | None = None) -> bool:
+        pending = len(self._scheduler) + len(self._in_flight)
+        idle_s = (time.monotonic() if now is None else now) - self.last_progress
+        return pending > 0 and idle_s > self._stall_after_s
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -102,7 +128,11 @@ class Worker:
         self._topology = await declare_topology(consume_channel, self._broker, self._settings)
         # Publishing on its own channel, with confirms: a result is "sent" only when the
         # broker has taken responsibility for it.
-        self._publish_channel = await connection.channel(publisher_confirms=True)
+        # on_return_raises: a copy no binding takes (mandatory) fails its publish instead
+        # of vanishing, so the delivery it stands for is requeued, never lost.
+        self._publish_channel = await connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
         topo = self._topology
         self._consumers = []
         for priority, queue in topo.priority_queues.items():
@@ -139,9 +169,9 @@ class Worker:
                 await _wait_any(stop, self._halt, timeout_s=backoff_s)
                 continue
             backoff_s = 0.5
-            self.ready = True
+            self._consuming = True
             await _wait_any(stop, self._halt, lost)
-            self.ready = False
+            self._consuming = False
             if lost.is_set() and not stop.is_set():
                 # Buffered deliveries belong to the dead channel: they cannot be acked
                 # and the broker has already put them back in their queues.
@@ -164,7 +194,7 @@ class Worker:
     async def shutdown(self) -> None:
         """Stop consuming, give in-flight work the grace period, requeue the rest."""
         self._stopping = True
-        self.ready = False
+        self._consuming = False
         for queue, tag in self._consumers:
             with suppress(Exception):
                 await queue.cancel(tag)
@@ -198,14 +228,21 @@ class Worker:
         self, priority: Priority
     ) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def on_request(message: AbstractIncomingMessage) -> None:
-            attempt = _attempt_of(message)
-            delivery = _Delivery(message, priority, self._principal_of(message), attempt)
+            # Nothing here may raise: an exception in a consumer callback leaves the
+            # delivery unacknowledged forever, holding a prefetch slot of its queue.
+            try:
+                principal = self._principal_of(message)
+                fairness_key = _fairness_key(message, principal, self._settings.max_body_bytes)
+            except Exception:
+                log.exception("could not read a delivery's headers; serving it unkeyed")
+                principal, fairness_key = None, "?"
+            delivery = _Delivery(message, priority, principal, _attempt_of(message))
             if self._stopping:
                 await self._nack_requeue(delivery)
                 return
-            if not self._scheduler.offer(
-                delivery, priority=priority, principal=_fairness_key(delivery)
-            ):
+            if not self._scheduler and not self._in_flight:
+                self.last_progress = time.monotonic()  # idle until now: not a stall
+            if not self._scheduler.offer(delivery, priority=priority, principal=fairness_key):
                 await self._send_to_back(delivery)
                 return
             self._metrics.buffered.set(len(self._scheduler))
@@ -242,6 +279,7 @@ class Worker:
                 await self._wakeup.wait()
                 delivery = self._scheduler.take()
             self._metrics.buffered.set(len(self._scheduler))
+            self.last_progress = time.monotonic()
             task = asyncio.create_task(self._process(delivery))
             self._in_flight[task] = delivery
             self._metrics.in_flight.set(len(self._in_flight))
@@ -270,7 +308,14 @@ class Worker:
                 await self._on_error(delivery, InternalError(f"{type(exc).__name__}: {exc}"))
                 return
             await self._answer(delivery, outcome)
+        except Exception:
+            # Answering failed (a publish refused or unconfirmed, the ledger down while
+            # giving up): the delivery must not stay unacknowledged in this worker.
+            # Requeued, it comes back and is answered from the ledger or retried.
+            log.exception("could not answer a delivery; requeueing it")
+            await self._nack_requeue(delivery)
         finally:
+            self.last_progress = time.monotonic()
             unbind_job(token)
 
     async def _answer(self, delivery: _Delivery, outcome: Outcome) -> None:
@@ -401,6 +446,8 @@ class Worker:
             headers={
                 **(message.headers or {}),
                 DELAY_HEADER: f"{delay_s}s",
+                COPY_ID_HEADER: uuid.uuid4().hex,
+                REPUBLISHED_AT_HEADER: int(time.time() * 1000),
                 ATTEMPT_HEADER: attempt,
                 PRINCIPAL_HEADER: delivery.principal or "",
                 "x-zimage-last-reason": reason,
@@ -455,12 +502,10 @@ def _attempt_of(message: AbstractIncomingMessage) -> int:
     return value if isinstance(value, int) and value >= 0 else 0
 
 
-def _fairness_key(delivery: _Delivery) -> str:
-    """The end user a request is for (fairness is per person served), else the publisher."""
-    try:
-        document = json.loads(delivery.message.body)
-    except ValueError:
-        return delivery.principal or "?"
-    if isinstance(document, dict) and isinstance(document.get("on_behalf_of"), str):
-        return str(document["on_behalf_of"])
-    return delivery.principal or "?"
+def _fairness_key(message: AbstractIncomingMessage, principal: str | None, max_bytes: int) -> str:
+    """The end user a request is for (fairness is per person served), else the publisher.
+    Read with the decoder's own limits (size, nesting), so no body can make it raise."""
+    document = read_json_object(message.body, max_bytes=max_bytes)
+    if document is not None and isinstance(document.get("on_behalf_of"), str):
+        return str(document["on_behalf_of"])[:256]
+    return principal or "?"

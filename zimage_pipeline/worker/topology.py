@@ -4,7 +4,7 @@
                                 --standard-----> <queue>.standard     (quorum)
                                 --bulk---------> <queue>.bulk         (quorum)
                                 --cancel-------> <queue>.control      (quorum)
-    retry exchange (headers, x-zimage-delay) -> <queue>.retry.<N>s (quorum, TTL N s,
+    retry exchange (headers, zimage-delay=<N>s) -> <queue>.retry.<N>s (quorum, TTL N s,
                                    at-least-once dead-lettering)
                                    --dead-letter, original routing key--> requests exchange
     dead-letter exchange (fanout) -> <queue>.dlq (quorum)
@@ -26,7 +26,13 @@ from zimage_pipeline.messages import Priority
 from zimage_pipeline.settings import BrokerSettings, WorkerSettings
 
 CANCEL_ROUTING_KEY = "cancel"
-DELAY_HEADER = "x-zimage-delay"
+# The header the retry exchange routes on. Not `x-` prefixed: a headers exchange ignores
+# headers whose names begin with `x-` when matching, so a binding on such a header matches
+# every message and each republished copy landed in every delay queue at once.
+DELAY_HEADER = "zimage-delay"
+# The header name of releases before that was found: their bindings are removed at
+# declaration, since one left in place would still match every message.
+LEGACY_DELAY_HEADER = "x-zimage-delay"
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +132,7 @@ async def declare_topology(
                 "x-overflow": "reject-publish",
             },
         )
+        await queue.unbind(retry, arguments={"x-match": "all", LEGACY_DELAY_HEADER: f"{delay_s}s"})
         await queue.bind(retry, arguments={"x-match": "all", DELAY_HEADER: f"{delay_s}s"})
     return Topology(
         requests=requests,

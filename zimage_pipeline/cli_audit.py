@@ -19,7 +19,7 @@ from zimage_pipeline.settings import Settings, load_settings
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from zimage_pipeline.audit import ChainAnchorer
+    from zimage_pipeline.audit import AnchorSurvey, ChainAnchorer
 
 EXIT_BROKEN = 1
 EXIT_CONFIG = 2
@@ -140,6 +140,13 @@ def show(
 
 def verify(
     anchors: Annotated[bool, typer.Option(help="Also check the heads anchored in S3.")] = True,
+    legacy_anchors: Annotated[
+        bool,
+        typer.Option(
+            help="Also check anchors keyed by position only (written before anchors had a "
+            "chain identity); --no-legacy-anchors where several ledgers wrote them."
+        ),
+    ] = True,
     config: ConfigOption = None,
 ) -> None:
     """Check the hash chain (and the anchors); name the first broken event, exit 1."""
@@ -148,8 +155,12 @@ def verify(
     settings = _settings(config)
     engine = _engine(settings)
     try:
-        found = _anchorer(settings, engine).anchors() if anchors else []
-        report = verify_chain(engine, anchors=found)
+        survey = _anchorer(settings, engine).survey(legacy=legacy_anchors) if anchors else None
+        report = verify_chain(
+            engine,
+            anchors=survey.anchors if survey else (),
+            chain_id=settings.audit.chain_id,
+        )
     except ZImageError as exc:
         raise _fail(exc) from None
     finally:
@@ -158,6 +169,9 @@ def verify(
         f"checked {report.events_checked} events (head {report.head_seq}), "
         f"{report.anchors_checked} anchors"
     )
+    typer.echo(f"chain {report.chain or '(no event 1)'}")
+    if survey is not None:
+        _echo_survey(survey)
     first = report.first_broken
     if first is None:
         typer.echo("OK: audit chain intact")
@@ -166,6 +180,24 @@ def verify(
     for problem in sorted(report.problems, key=lambda p: p.seq)[1:10]:
         typer.echo(f"  also: {problem.describe()}")
     raise typer.Exit(EXIT_BROKEN)
+
+
+def _echo_survey(survey: AnchorSurvey) -> None:
+    """What else stands under the prefix: expected where ledgers share it, and worth a
+    look where one ledger should be alone (a ledger rewritten from its first event
+    leaves its old chain's anchors behind)."""
+    if survey.legacy_skipped:
+        typer.echo(
+            f"note: {survey.legacy_skipped} legacy anchors of other ledgers skipped "
+            "(older than this chain's first event)"
+        )
+    if survey.other_chains:
+        shown = ", ".join(survey.other_chains[:5])
+        more = f" and {len(survey.other_chains) - 5} more" if len(survey.other_chains) > 5 else ""
+        typer.echo(
+            f"note: anchors of {len(survey.other_chains)} other chain(s) under this prefix: "
+            f"{shown}{more} (other ledgers sharing it; pin this one with audit.chain_id)"
+        )
 
 
 def export(

@@ -336,6 +336,10 @@ class AuditSettings(_Section):
     anchor_prefix: str = "audit-anchors"
     anchor_lock_mode: LockMode = LockMode.COMPLIANCE
     anchor_retention_days: int = Field(default=2555, ge=1)
+    # The chain this deployment's ledger must be (its first event's hash, which `audit
+    # verify` prints): pinned, a ledger rewritten from its first event, or another
+    # ledger pointed at this configuration, cannot pass as this one.
+    chain_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     export_signing_key_file: Path | None = None
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zimage_pipeline.audit.anchoring import Anchor, ChainAnchorer
+from zimage_pipeline.audit.anchoring import Anchor, AnchorSurvey, ChainAnchorer
 from zimage_pipeline.audit.chain import (
     EVENT_TYPES,
     GENESIS_HASH,
@@ -11,7 +11,7 @@ from zimage_pipeline.audit.chain import (
     canonical,
     event_hash,
 )
-from zimage_pipeline.audit.errors import AuditError, ExportError
+from zimage_pipeline.audit.errors import AnchorConflictError, AuditError, ExportError
 from zimage_pipeline.audit.export import export_bundle, verify_bundle
 from zimage_pipeline.audit.index import STATUSES
 from zimage_pipeline.audit.queries import (
@@ -28,6 +28,8 @@ __all__ = [
     "GENESIS_HASH",
     "STATUSES",
     "Anchor",
+    "AnchorConflictError",
+    "AnchorSurvey",
     "AuditError",
     "AuditEvent",
     "AuditFilter",

@@ -17,3 +17,11 @@ class ExportError(ZImageError):
 
     disposition = Disposition.FAIL
     reason = "AUDIT_EXPORT_FAILED"
+
+
+class AnchorConflictError(AuditError):
+    """An anchor this ledger may not write: another chain's anchor stands at its key, or
+    the ledger is not the chain `audit.chain_id` pins. Anchors are locked once written,
+    so the write is refused rather than attempted."""
+
+    reason = "AUDIT_ANCHOR_CONFLICT"

@@ -8,7 +8,9 @@ What each check catches:
 - a retained prompt whose SHA-256 is not the one in the payload: the prompt was edited;
 - the head row not matching the last event: events cut off the end;
 - an anchor in the object store not matching the event at its seq, or pointing past the
-  end: the database was rewritten (even consistently) or truncated.
+  end: the database was rewritten (even consistently) or truncated;
+- a first event whose hash is not the pinned chain identity (`audit.chain_id`): another
+  ledger, or this one rewritten from its first event.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from zimage_pipeline.ledger.models import AuditChainHead, AuditEventRow
 @dataclass(frozen=True, slots=True)
 class BrokenEvent:
     seq: int
-    problem: str  # missing | broken_link | edited | prompt_edited | truncated | anchor_mismatch
+    # missing | broken_link | edited | prompt_edited | truncated | anchor_mismatch |
+    # foreign_chain
+    problem: str
     detail: str
     request_id: str | None = None
     event_type: str | None = None
@@ -44,6 +48,7 @@ class VerifyReport:
     last_seq: int = 0
     head_seq: int = 0
     anchors_checked: int = 0
+    chain: str | None = None  # the chain's identity: the hash of its first event
     problems: list[BrokenEvent] = field(default_factory=list)
 
     @property
@@ -59,8 +64,14 @@ MAX_PROBLEMS = 100  # enough to see the damage; the first is what matters
 
 
 def verify_chain(
-    engine: Engine, *, anchors: Sequence[Anchor] = (), batch: int = 10_000
+    engine: Engine,
+    *,
+    anchors: Sequence[Anchor] = (),
+    chain_id: str | None = None,
+    batch: int = 10_000,
 ) -> VerifyReport:
+    """Check every event, the head, the `anchors` and, with `chain_id`, that the chain
+    is the one pinned."""
     report = VerifyReport()
     wanted = {a.seq: a for a in anchors}
     seen: dict[int, str] = {}
@@ -88,10 +99,14 @@ def verify_chain(
             report.problems.extend(_check_row(row, expected_seq, prev))
             if row.seq in wanted:
                 seen[row.seq] = row.event_hash
+            if row.seq == 1:
+                report.chain = row.event_hash
             expected_seq, prev = row.seq + 1, row.event_hash
             report.last_seq = row.seq
     _check_head(report, head, prev)
     _check_anchors(report, anchors, seen)
+    if chain_id is not None:
+        _check_identity(report, chain_id)
     return report
 
 
@@ -165,10 +180,30 @@ def _check_anchors(report: VerifyReport, anchors: Sequence[Anchor], seen: dict[i
                 )
             )
         elif seen.get(anchor.seq) != anchor.event_hash:
-            report.problems.append(
-                BrokenEvent(
-                    anchor.seq,
-                    "anchor_mismatch",
-                    f"differs from the hash anchored at {anchor.key}: the database was rewritten",
-                )
-            )
+            report.problems.append(BrokenEvent(anchor.seq, "anchor_mismatch", _mismatch(anchor)))
+
+
+def _mismatch(anchor: Anchor) -> str:
+    detail = f"differs from the hash anchored at {anchor.key}: the database was rewritten"
+    if anchor.legacy:
+        # Keyed by position only: where several ledgers shared the prefix before anchors
+        # had a chain identity, this may be another ledger's.
+        detail += (
+            " (a legacy anchor, keyed by position only: if another ledger wrote it before "
+            "anchors were keyed by chain, check with --no-legacy-anchors)"
+        )
+    return detail
+
+
+def _check_identity(report: VerifyReport, chain_id: str) -> None:
+    if report.chain == chain_id:
+        return
+    found = f"is {report.chain}" if report.chain else "has no event 1"
+    report.problems.append(
+        BrokenEvent(
+            1,
+            "foreign_chain",
+            f"audit.chain_id pins chain {chain_id}, this ledger's chain {found}: another "
+            "ledger, or this one rewritten from its first event",
+        )
+    )

@@ -203,6 +203,23 @@ class ObjectStore:
         except (ClientError, BotoCoreError) as exc:
             raise StorageFailedError(f"list s3://{bucket}/{prefix}: {wire.describe(exc)}") from exc
 
+    def list_children(
+        self, prefix: str, *, bucket: str | None = None
+    ) -> tuple[list[str], list[str]]:
+        """One level under `prefix` (ending in '/'): the keys directly in it, and its
+        sub-prefixes (each ending in '/'), without listing every key beneath those."""
+        bucket = bucket or self.settings.bucket
+        keys: list[str] = []
+        children: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+                keys.extend(item["Key"] for item in page.get("Contents", []))
+                children.extend(item["Prefix"] for item in page.get("CommonPrefixes", []))
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageFailedError(f"list s3://{bucket}/{prefix}: {wire.describe(exc)}") from exc
+        return keys, children
+
     def delete_object(self, key: str, *, bucket: str | None = None) -> None:
         """Delete `key` (absent is fine: S3 deletes are idempotent). One attempt, no
         retries: the callers (discards of failed requests) are retried by the worker's

@@ -20,7 +20,9 @@ import pytest
 from sqlalchemy import Engine, text
 
 from tests.integration.fault_matrix.invariants import (
+    BrokerView,
     ObjectInfo,
+    Sighting,
     World,
     find_problems,
     read_ledger,
@@ -302,3 +304,55 @@ def test_an_unidentified_message_leaves_only_its_denied_event(books: Books) -> N
     assert problems_of(books) == []
     books.event("unidentified-0f0f", "stored", {"objects": []})
     assert_named(problems_of(books), "unidentified-0f0f: audit events", "without a job row")
+
+
+def _broker_problems(results: list[dict[str, Any]], broker: BrokerView, **kwargs: Any) -> list[str]:
+    return find_problems(World(results=results, broker=broker), **kwargs)
+
+
+def test_broker_side_balances_one_result_per_message_and_timely_copies() -> None:
+    broker = BrokerView(
+        sightings=[
+            Sighting("a"),
+            Sighting("a"),  # a duplicate message: answered twice
+            Sighting("a", copy_id="c1", delay_s=1, republished_at_ms=1000, arrived_at_ms=2100),
+        ],
+        leftover={"q.retry.1s": 0, "q.standard": 0},
+    )
+    answers = [_rejected("a", "INVALID_REQUEST"), _rejected("a", "INVALID_REQUEST")]
+    assert not [p for p in _broker_problems(answers, broker) if "ledger never saw" not in p]
+
+
+@pytest.mark.parametrize(
+    ("sightings", "results", "leftover", "message"),
+    [
+        ([Sighting("a")], 2, {}, "2 result(s) published for 1 request message(s)"),
+        ([Sighting("a"), Sighting("b")], 1, {}, "1 result(s) published for 2"),
+        (
+            [Sighting("a"), *[Sighting("a", copy_id="c1")] * 2],
+            1,
+            {},
+            "copy c1 came back 2 times",
+        ),
+        (
+            [Sighting("a"), Sighting("a", "c1", 1, 1000, 31000)],
+            1,
+            {},
+            "asked for 1 s and came back after 30.00 s",
+        ),
+        ([Sighting("a")], 1, {"q.retry.30s": 3}, "q.retry.30s: 3 message(s) left"),
+    ],
+)
+def test_broker_side_names_storms_late_copies_and_leftovers(
+    sightings: list[Sighting], results: int, leftover: dict[str, int], message: str
+) -> None:
+    broker = BrokerView(sightings=sightings, leftover=leftover)
+    answers = [_rejected("a", "INVALID_REQUEST")] * results
+    assert any(message in p for p in _broker_problems(answers, broker)), message
+
+
+def test_broker_side_allows_the_crash_cases_extra_republishes() -> None:
+    broker = BrokerView(sightings=[Sighting("a")])
+    answers = [_rejected("a", "INVALID_REQUEST")] * 2
+    assert any("2 result(s)" in p for p in _broker_problems(answers, broker))
+    assert not any("result(s)" in p for p in _broker_problems(answers, broker, extra_results=1))

@@ -7,12 +7,14 @@ from typing import Any
 from urllib.parse import unquote
 
 from tests.integration.fault_matrix.invariants import (
+    BrokerView,
     ObjectInfo,
     World,
     find_problems,
     format_problems,
     read_ledger,
 )
+from tests.integration.fault_matrix.stack import ResultTap
 from zimage_pipeline.audit import ChainAnchorer, verify_chain
 from zimage_pipeline.ledger.db import create_ledger_engine
 from zimage_pipeline.settings import Settings
@@ -35,7 +37,9 @@ def read_objects(store: ObjectStore, prefix: str) -> dict[str, ObjectInfo]:
     return found
 
 
-def collect(settings: Settings, results: Sequence[Mapping[str, Any]]) -> World:
+def collect(
+    settings: Settings, results: Sequence[Mapping[str, Any]], broker: BrokerView | None = None
+) -> World:
     engine = create_ledger_engine(settings.database)
     try:
         world = read_ledger(engine)
@@ -49,17 +53,21 @@ def collect(settings: Settings, results: Sequence[Mapping[str, Any]]) -> World:
     finally:
         engine.dispose()
     world.results = list(results)
+    world.broker = broker
     return world
 
 
 def assert_invariants(
     settings: Settings,
-    results: Sequence[Mapping[str, Any]],
+    tap: ResultTap,
     *,
     expected: Collection[str] = (),
+    extra_results: int = 0,
 ) -> World:
-    """Fail with every broken invariant named; return the snapshot for further asserts."""
-    world = collect(settings, results)
-    problems = find_problems(world, expected=expected)
+    """Fail with every broken invariant named; return the snapshot for further asserts.
+    Call it after the case's `case_stack` has closed: the broker side (what is left in
+    the queues) is read as it closes."""
+    world = collect(settings, tap.results, tap.broker)
+    problems = find_problems(world, expected=expected, extra_results=extra_results)
     assert not problems, format_problems(problems)
     return world

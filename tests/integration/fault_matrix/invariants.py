@@ -13,7 +13,13 @@ the results it saw published:
 4. objects, ledger and audit match one to one: the keys under the prefix are exactly the
    keys the succeeded results name (images and audit records, same SHA-256, same
    request), and each such request's `stored` audit events name exactly those keys;
-5. the audit chain verifies (the project's own verifier, anchors included).
+5. the audit chain verifies (the project's own verifier, anchors included);
+6. the broker side (when observed, `World.broker`): every request message a client
+   published got exactly one result (a duplicate message is answered too, by a
+   republish; `extra_results` allows for the crash cases, where a worker killed between
+   its confirmed publish and its ack answers the redelivery again), every copy a worker
+   republished through a delay queue came back exactly once and after the delay it asked
+   for, and no message is left in a delay or request queue at the end.
 
 `find_problems` is a pure function of a `World` snapshot, so it is unit-tested against
 deliberately broken states; `collect` reads the snapshot from the real services.
@@ -102,6 +108,30 @@ class ObjectInfo:
     request_id: str | None  # our `request-id` metadata
 
 
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    """A message seen on the requests exchange: a client's original (no copy id), or a
+    worker's copy returning from its delay queue."""
+
+    request_id: str | None  # from the body, when it is readable
+    copy_id: str | None = None
+    delay_s: float | None = None  # the delay the copy asked for
+    republished_at_ms: int | None = None
+    arrived_at_ms: int | None = None
+
+
+@dataclass(slots=True)
+class BrokerView:
+    sightings: list[Sighting] = field(default_factory=list)
+    leftover: dict[str, int] = field(default_factory=dict)  # queue -> messages still in it
+
+
+# A copy may come back this much earlier than asked (clocks of one host, ms rounding)...
+DELAY_EARLY_S = 0.25
+# ...or this much later (a quorum queue dead-letters at its head; a loaded CI host).
+DELAY_LATE_S = 3.0
+
+
 @dataclass(slots=True)
 class World:
     jobs: dict[str, JobRow] = field(default_factory=dict)
@@ -112,6 +142,7 @@ class World:
     objects: dict[str, ObjectInfo] = field(default_factory=dict)
     results: list[Mapping[str, Any]] = field(default_factory=list)  # every one published
     chain_problems: list[str] = field(default_factory=list)  # from audit.verify_chain
+    broker: BrokerView | None = None  # None: the broker side was not observed
 
 
 def normalized(result: Mapping[str, Any]) -> dict[str, Any]:
@@ -135,10 +166,14 @@ def stored_keys(payload: Mapping[str, Any]) -> set[str]:
     return keys
 
 
-def find_problems(world: World, *, expected: Collection[str] = ()) -> list[str]:
+def find_problems(
+    world: World, *, expected: Collection[str] = (), extra_results: int = 0
+) -> list[str]:
     """Every broken invariant, in words; empty when the books balance."""
     problems: list[str] = []
     problems += _outcomes(world, expected)
+    if world.broker is not None:
+        problems += _broker(world.broker, world.results, extra_results)
     problems += _charges(world)
     problems += _objects(world)
     problems += _audit(world)
@@ -181,6 +216,42 @@ def _outcomes(world: World, expected: Collection[str]) -> list[str]:
                     f"{rid or '(no id)'}: result {answer.get('status')}/{answer.get('reason')} "
                     "published for a request the ledger never saw"
                 )
+    return problems
+
+
+def _broker(
+    broker: BrokerView, results: Sequence[Mapping[str, Any]], extra_results: int
+) -> list[str]:
+    problems: list[str] = []
+    originals = [s for s in broker.sightings if s.copy_id is None]
+    sent = Counter(s.request_id or "" for s in originals)
+    answered = Counter(str(r.get("request_id") or "") for r in results)
+    if not 0 <= len(results) - len(originals) <= extra_results:
+        problems.append(
+            f"{len(results)} result(s) published for {len(originals)} request message(s)"
+            + (f" (up to {extra_results} more allowed)" if extra_results else "")
+        )
+    for rid, count in sorted(answered.items()):
+        if rid and count > sent[rid] + extra_results:
+            problems.append(f"{rid}: {count} results for {sent[rid]} message(s)")
+    copies = Counter(s.copy_id for s in broker.sightings if s.copy_id is not None)
+    for copy_id, count in sorted(copies.items()):
+        if count > 1:
+            problems.append(f"copy {copy_id} came back {count} times from the delay queues")
+    for s in broker.sightings:
+        if s.copy_id is None or None in (s.delay_s, s.republished_at_ms, s.arrived_at_ms):
+            continue
+        assert s.delay_s is not None and s.republished_at_ms is not None
+        assert s.arrived_at_ms is not None
+        took_s = (s.arrived_at_ms - s.republished_at_ms) / 1000
+        if not s.delay_s - DELAY_EARLY_S <= took_s <= s.delay_s + DELAY_LATE_S:
+            problems.append(
+                f"{s.request_id}: copy {s.copy_id} asked for {s.delay_s:g} s and came back "
+                f"after {took_s:.2f} s"
+            )
+    for queue, count in sorted(broker.leftover.items()):
+        if count:
+            problems.append(f"{queue}: {count} message(s) left at the end")
     return problems
 
 

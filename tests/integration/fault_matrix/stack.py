@@ -22,16 +22,20 @@ import aio_pika
 from pydantic import SecretStr
 from sqlalchemy import Engine, create_engine, select
 
+from tests.integration.fault_matrix.invariants import BrokerView, Sighting
 from tests.integration.worker_harness import delete_private_topology, private_settings
 from zimage_pipeline.broker import connect_robust
+from zimage_pipeline.decoding import read_json_object
 from zimage_pipeline.ledger import migrate
 from zimage_pipeline.ledger.db import create_ledger_engine
 from zimage_pipeline.ledger.models import Job, QuotaReservation
+from zimage_pipeline.messages import Priority
 from zimage_pipeline.ports import Engine as Engine_
 from zimage_pipeline.ports import ImageSpec, ModelIdentity, RawImage
 from zimage_pipeline.settings import Settings, load_settings
 from zimage_pipeline.wiring import Wiring, build
-from zimage_pipeline.worker.topology import declare_exchanges
+from zimage_pipeline.worker.consumer import COPY_ID_HEADER, REPUBLISHED_AT_HEADER
+from zimage_pipeline.worker.topology import DELAY_HEADER, declare_exchanges, retry_queue_name
 
 # Small on purpose: a crashed worker's job is taken over after this long (the default,
 # 120 s, protects a slow job from a duplicate; here it would only make the matrix slow).
@@ -162,10 +166,13 @@ class Ledger:
 
 class ResultTap:
     """Every result the case's workers publish, from a durable queue (none is missed while
-    the broker restarts), in arrival order."""
+    the broker restarts), in arrival order; and the broker side: every request message
+    on the requests exchange (clients' originals and workers' returning copies) and, once
+    the case is over, what is left in its queues."""
 
     def __init__(self) -> None:
         self.results: list[dict[str, Any]] = []
+        self.broker = BrokerView()
 
     def of(self, request_id: str) -> list[dict[str, Any]]:
         return [r for r in self.results if r.get("request_id") == request_id]
@@ -199,23 +206,73 @@ async def result_tap(settings: Settings) -> AsyncIterator[ResultTap]:
     connection = await connect_robust(settings.broker, name="fault-matrix tap")
     try:
         channel = await connection.channel()
-        _, results = await declare_exchanges(channel, settings.broker)
+        requests, results = await declare_exchanges(channel, settings.broker)
         queue = await channel.declare_queue(
             f"{settings.broker.requests_queue}.tap",
             durable=True,
             arguments={"x-queue-type": "quorum"},
         )
         await queue.bind(results, routing_key="result.#")
+        # A second binding of the requests exchange's routing keys: the broker copies
+        # every request message here as well as to the worker's queue.
+        sightings = await channel.declare_queue(
+            f"{settings.broker.requests_queue}.tap-requests",
+            durable=True,
+            arguments={"x-queue-type": "quorum"},
+        )
+        for priority in Priority:
+            await sightings.bind(requests, routing_key=priority.value)
 
         async def on_result(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             async with message.process():
                 tap.results.append(json.loads(message.body))
 
+        async def on_request(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            async with message.process():
+                tap.broker.sightings.append(sighting_of(message))
+
         await queue.consume(on_result)
+        await sightings.consume(on_request)
         yield tap
         await queue.delete(if_unused=False, if_empty=False)
+        await sightings.delete(if_unused=False, if_empty=False)
     finally:
         await connection.close()
+
+
+def sighting_of(message: aio_pika.abc.AbstractIncomingMessage) -> Sighting:
+    headers = message.headers or {}
+    document = read_json_object(message.body, max_bytes=len(message.body) + 1)
+    rid = document.get("request_id") if document else None
+    delay = headers.get(DELAY_HEADER)
+    published = headers.get(REPUBLISHED_AT_HEADER)
+    copy_id = headers.get(COPY_ID_HEADER)
+    return Sighting(
+        request_id=rid if isinstance(rid, str) else None,
+        copy_id=str(copy_id) if copy_id is not None else None,
+        delay_s=float(str(delay).removesuffix("s")) if delay is not None else None,
+        republished_at_ms=int(published) if isinstance(published, int) else None,
+        arrived_at_ms=int(time.time() * 1000),
+    )
+
+
+async def read_leftover(settings: Settings) -> dict[str, int]:
+    """Messages still in each of the case's request, control and delay queues."""
+    b = settings.broker
+    names = [f"{b.requests_queue}.{p.value}" for p in Priority]
+    names.append(f"{b.requests_queue}.control")
+    names += [retry_queue_name(b, d) for d in sorted({1, *settings.worker.retry_delays_s})]
+    counts: dict[str, int] = {}
+    connection = await connect_robust(b, name="fault-matrix leftovers")
+    async with connection:
+        for name in names:
+            channel = await connection.channel()  # a failed passive declare closes it
+            try:
+                queue = await channel.declare_queue(name, passive=True)
+            except aio_pika.exceptions.ChannelClosed:
+                continue  # never declared: nothing can be left in it
+            counts[name] = queue.declaration_result.message_count or 0
+    return counts
 
 
 @asynccontextmanager
@@ -225,6 +282,8 @@ async def case_stack(settings: Settings) -> AsyncIterator[tuple[ResultTap, Ledge
     try:
         async with result_tap(settings) as tap:
             yield tap, ledger
+            # The workers have stopped: whatever is still queued was never answered.
+            tap.broker.leftover = await read_leftover(settings)
     finally:
         ledger.close()
         await delete_private_topology(settings)

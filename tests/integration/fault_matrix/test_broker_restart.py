@@ -126,4 +126,4 @@ async def test_broker_restart_mid_stream_consumers_return_nothing_lost(
             await tap.wait_for(*ids, timeout_s=120)
     assert {tap.first(r)["status"] for r in ids} == {"succeeded"}
     assert counting.images == len(ids)  # a redelivery republishes, never regenerates
-    assert_invariants(settings, tap.results, expected=set(ids))
+    assert_invariants(settings, tap, expected=set(ids))

@@ -56,7 +56,7 @@ async def test_same_request_id_twice_at_once_on_two_workers_generates_once(
         assert engine_a.images + engine_b.images == len(ids), (engine_a.images, engine_b.images)
         # A duplicate waited for its twin; it never took the live job over.
         assert {ledger.job(rid) for rid in ids} == {("succeeded", 1)}
-    world = assert_invariants(settings, tap.results, expected=set(ids))
+    world = assert_invariants(settings, tap, expected=set(ids))
     assert len(world.results) == 2 * len(ids)  # both copies answered, identically
 
 
@@ -94,4 +94,4 @@ async def test_quota_race_across_two_workers_never_overspends(
         assert engine_a.images > 0 and engine_b.images > 0  # both workers served
         assert engine_a.images + engine_b.images == quota  # refused before generating
         assert counter(ledger.engine, "user:alice", "day") == (quota, 0, 0)
-    assert_invariants(settings, tap.results, expected=set(ids))
+    assert_invariants(settings, tap, expected=set(ids))

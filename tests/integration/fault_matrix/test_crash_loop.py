@@ -85,4 +85,4 @@ async def test_request_that_kills_its_workers_ends_after_max_job_attempts(
     finally:
         for victim in victims:
             victim.stop()
-    assert_invariants(settings, tap.results, expected={rid, "after-crash-loop"})
+    assert_invariants(settings, tap, expected={rid, "after-crash-loop"})

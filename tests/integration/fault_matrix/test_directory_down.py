@@ -94,4 +94,4 @@ async def test_directory_down_runs_nothing_unauthorized_and_resumes(
         "ldap-down-alice-2": ("succeeded", None),
         "ldap-down-carol": ("rejected", "NOT_AUTHORIZED"),
     }
-    assert_invariants(settings, tap.results, expected={"ldap-before", *during})
+    assert_invariants(settings, tap, expected={"ldap-before", *during})

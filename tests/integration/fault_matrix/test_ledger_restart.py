@@ -64,4 +64,4 @@ async def test_postgres_restart_mid_stream_loses_and_doubles_nothing(
     assert {tap.first(r)["status"] for r in ids} == {"succeeded"}
     assert "LEDGER_UNAVAILABLE" in caplog.text or "ledger unavailable" in caplog.text
     # Every request charged once and stored once, whatever it was doing at the restart.
-    assert_invariants(settings, tap.results, expected=set(ids))
+    assert_invariants(settings, tap, expected=set(ids))

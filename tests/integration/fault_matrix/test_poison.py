@@ -112,7 +112,7 @@ async def test_poison_stream_is_rejected_and_dead_lettered_good_ones_succeed(
             header(message, "x-zimage-error"),
             context,
         )
-    world = assert_invariants(settings, tap.results, expected=good_ids)
+    world = assert_invariants(settings, tap, expected=good_ids)
     # Each answer without an id left a `denied` event under the bad bytes' digest.
     unidentified = [e for e in world.events if e.request_id.startswith(UNIDENTIFIED_PREFIX)]
     without_id = [r for r in tap.results if r["request_id"] == ""]
@@ -149,4 +149,4 @@ async def test_a_malformed_message_reusing_a_known_id_does_not_contradict_its_ou
     assert (junk["status"], junk["reason"]) == ("rejected", "INVALID_REQUEST")
     assert "width" in junk["message"]
     assert [r["status"] for r in tap.of(rid)] == ["succeeded"]
-    assert_invariants(settings, tap.results, expected={rid})
+    assert_invariants(settings, tap, expected={rid})

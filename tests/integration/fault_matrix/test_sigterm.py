@@ -82,5 +82,5 @@ async def test_sigterm_during_a_batch_finishes_or_requeues_within_the_grace(
         assert counting.images == BATCH - len(finished_by_victim)
     finally:
         victim.stop()
-    world = assert_invariants(settings, tap.results, expected=set(ids))
+    world = assert_invariants(settings, tap, expected=set(ids))
     assert len(world.results) == BATCH  # nothing answered twice

@@ -82,9 +82,7 @@ async def test_storage_down_fails_the_request_uncharged_after_the_retry_budget(
         assert tap.first("s3-before")["status"] == "succeeded"
         assert tap.first("s3-after")["status"] == "succeeded"
         # Checked with S3 back up: the failed request left no object and no charge.
-        world = assert_invariants(
-            settings, tap.results, expected={"s3-before", "s3-down", "s3-after"}
-        )
+        world = assert_invariants(settings, tap, expected={"s3-before", "s3-down", "s3-after"})
         assert len(world.objects) == 4  # two succeeded requests: an image and a record each
     finally:
         s3.stop()
@@ -129,7 +127,7 @@ async def test_storage_lost_mid_request_leaves_no_orphan_object(
             await run_maintenance(wiring)  # what the worker runs every 30 s
             assert discards_queued(ledger) == []
             assert ledger.event_types("s3-mid")[-1] == "outputs_discarded"
-        assert_invariants(settings, tap.results, expected={"s3-mid"})
+        assert_invariants(settings, tap, expected={"s3-mid"})
     finally:
         s3.stop()
 

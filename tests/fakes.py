@@ -399,6 +399,20 @@ class FakeLedger:
             )
         return True
 
+    def outputs_discard_abandoned(
+        self, request_id: str, *, cause: str, message: str, actor: str
+    ) -> bool:
+        if request_id not in self.discards:
+            return False
+        self.discards.discard(request_id)
+        self.audit.append(
+            request_id=request_id,
+            event_type="outputs_discard_abandoned",
+            actor=actor,
+            payload={"cause": cause, "message": message},
+        )
+        return True
+
 
 def fake_ledger(*, daily: int = 1000) -> FakeLedger:
     return FakeLedger(FakeJobs(), FakeQuota(daily=daily), FakeAudit())

@@ -15,6 +15,15 @@ class RequestExpiredError(ZImageError):
 STATUS_BY_REASON = {"EXPIRED": Status.EXPIRED, "CANCELLED": Status.CANCELLED}
 
 
+def ending_status(error: ZImageError, *, running: bool) -> Status:
+    """The status a request ends with for `error`. A refusal (REJECT) found once the job
+    runs, e.g. parameters the engine cannot take, ends it `failed`, keeping its reason:
+    the ledger's state machine has no running -> rejected (`rejected` means nothing ran),
+    and asking for it raised ILLEGAL_TRANSITION, which the worker then retried."""
+    refused = error.disposition is Disposition.REJECT and not running
+    return STATUS_BY_REASON.get(error.reason, Status.REJECTED if refused else Status.FAILED)
+
+
 def check_limits(request: GenerationRequest, auth: Authorization) -> None:
     """Enforce the subject's role limits; the message names the limit that was hit."""
     limits = auth.limits

@@ -16,11 +16,35 @@ class Disposition(StrEnum):
     FATAL = "fatal"  # the process is unusable (sticky CUDA error): exit non-zero, redeliver
 
 
+INTERNAL_ERROR = "INTERNAL_ERROR"
+INTERNAL_MESSAGE = "the worker failed internally; its operators have the details"
+
+
 class ZImageError(Exception):
     """Root of every error the product raises on purpose."""
 
     disposition: Disposition = Disposition.FAIL
-    reason: str = "INTERNAL_ERROR"
+    reason: str = INTERNAL_ERROR
+    # A defect of ours, not the client's doing nor a dependency's: its reason and text
+    # are for operators (the log, the audit trail), never a client's (`client_facing`).
+    internal: bool = False
+
+
+class InternalStateError(ZImageError):
+    """The ledger's state contradicts what the code expected (a job transition the state
+    machine forbids, a job that is not there): a defect to fix, not an answer."""
+
+    disposition = Disposition.FAIL
+    internal = True
+
+
+def client_facing(error: ZImageError) -> tuple[str, str]:
+    """The (reason, message) a published result may carry for `error`. Internal errors,
+    and errors that name no reason of their own (unexpected exceptions), become
+    INTERNAL_ERROR with a fixed message: their text may name tables, states or code."""
+    if error.internal or error.reason == INTERNAL_ERROR:
+        return INTERNAL_ERROR, INTERNAL_MESSAGE
+    return error.reason, str(error)
 
 
 class ConfigError(ZImageError):

@@ -13,12 +13,20 @@ from enum import StrEnum
 from typing import Annotated, Final, Literal
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
     StringConstraints,
     field_validator,
+)
+
+from zimage_pipeline.ids import (
+    FORBIDDEN_RUN,
+    REQUEST_ID_MAX_LENGTH,
+    REQUEST_ID_PATTERN,
+    no_forbidden_run,
 )
 
 REQUEST_SCHEMA: Final = "zimage.request/v1"
@@ -33,10 +41,13 @@ MIN_SIDE = 64
 MAX_PROMPT_CHARS = 4000
 MAX_LABELS = 16
 
-# Ids end up in storage keys and routing keys: a conservative alphabet, no `..`.
+# The one request-id alphabet (ids.py), for requests and cancels alike. The `..` rule is
+# in the JSON Schema too (`not`), so a schema-valid id is one the worker accepts.
 RequestId = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"),
+    StringConstraints(min_length=1, max_length=REQUEST_ID_MAX_LENGTH, pattern=REQUEST_ID_PATTERN),
+    AfterValidator(no_forbidden_run),
+    Field(json_schema_extra={"not": {"pattern": re.escape(FORBIDDEN_RUN)}}),
 ]
 # Directory ids are escaped before they reach a filter; here only bounded and printable.
 DirectoryId = Annotated[str, StringConstraints(min_length=1, max_length=256)]

@@ -284,3 +284,12 @@ class Ledger(Protocol):
         as an `outputs_discarded` audit event, in one transaction. False (and nothing
         written) if it was not queued, or another worker recorded it first."""
         ...
+
+    def outputs_discard_abandoned(
+        self, request_id: str, *, cause: str, message: str, actor: str
+    ) -> bool:
+        """The queued discard can never succeed (a permanent error: the request's keys
+        cannot even be built): dequeue it and record why (`cause`, a reason code, and
+        `message`) as an `outputs_discard_abandoned` audit event, in one transaction.
+        False (and nothing written) as for `outputs_discarded`."""
+        ...

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from zimage_pipeline.errors import ZImageError
+from zimage_pipeline.errors import ZImageError, client_facing
 from zimage_pipeline.messages import (
     GenerationRequest,
     GenerationResult,
@@ -29,11 +29,14 @@ from zimage_pipeline.ports import (
 def rejected(
     request_id: str, error: ZImageError, *, status: Status = Status.REJECTED
 ) -> GenerationResult:
+    """The unsuccessful result for `error`, as a client may see it (`client_facing`:
+    an internal error is INTERNAL_ERROR, whatever its own reason)."""
+    reason, message = client_facing(error)
     return GenerationResult(
         request_id=request_id,
         status=status,
-        reason=error.reason,
-        message=str(error),
+        reason=reason,
+        message=message,
         finished_at=datetime.now(UTC),
     )
 

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
-from zimage_pipeline.admission import STATUS_BY_REASON, RequestExpiredError, check_limits
+from zimage_pipeline.admission import RequestExpiredError, check_limits, ending_status
 from zimage_pipeline.decoding import decode_request, peek_request_id
 from zimage_pipeline.errors import (
     AttemptsExhaustedError,
@@ -145,6 +145,13 @@ class _Authorized:
         if isinstance(self.outcome, ZImageError):
             raise self.outcome
         return self.outcome
+
+
+def _ending_payload(request: GenerationRequest, error: ZImageError, reason: str) -> dict[str, Any]:
+    payload = {"user": request.on_behalf_of, "reason": reason, "message": str(error)}
+    if reason != error.reason:
+        payload["internal_reason"] = error.reason
+    return payload
 
 
 def payload_digest(request: GenerationRequest) -> str:
@@ -532,8 +539,7 @@ class RequestService:
         discard_now: bool = True,
     ) -> GenerationResult:
         if status is None:
-            status = Status.REJECTED if error.disposition is Disposition.REJECT else Status.FAILED
-            status = STATUS_BY_REASON.get(error.reason, status)
+            status = ending_status(error, running=job.reserved)  # reserved: it runs
         result = rejected(job.request.request_id, error, status=status).model_copy(
             update={
                 "on_behalf_of": job.request.on_behalf_of,
@@ -541,23 +547,22 @@ class RequestService:
                 "timings_s": dict(job.timings),
             }
         )
+        # The ledger and the trail say what the result says; an internal error's own
+        # reason and text are kept in the trail, for operators.
+        reason = result.reason or error.reason
         event = "denied" if status is Status.REJECTED else status.value
-        self._audit(
-            job,
-            event,
-            {"user": job.request.on_behalf_of, "reason": error.reason, "message": str(error)},
-        )
+        self._audit(job, event, _ending_payload(job.request, error, reason))
         await self._io(
             self._p.ledger.conclude,
             request_id=job.request.request_id,
             status=status.value,
-            reason=error.reason,
+            reason=reason,
             result=result.model_dump(mode="json", by_alias=True),
             release=job.reserved,
             audit=list(job.pending_audit),
             discard_outputs=job.store_started,
             release_event=AuditRecord(
-                job.request.request_id, "quota_released", job.principal, {"reason": error.reason}
+                job.request.request_id, "quota_released", job.principal, {"reason": reason}
             ),
         )
         job.pending_audit = []

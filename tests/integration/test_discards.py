@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from datetime import datetime
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select
@@ -19,7 +20,7 @@ from zimage_pipeline.ledger import migrate
 from zimage_pipeline.ledger.db import create_ledger_engine
 from zimage_pipeline.ledger.discards import DiscardQueue
 from zimage_pipeline.ledger.jobs import JobStore
-from zimage_pipeline.ledger.models import AuditEventRow
+from zimage_pipeline.ledger.models import AuditEventRow, AuditRequest
 from zimage_pipeline.ledger.quota import QuotaLedger
 from zimage_pipeline.policy import EffectivePolicy, QuotaLimits
 from zimage_pipeline.ports import AuditRecord, Authorization, NewJob
@@ -125,6 +126,80 @@ def test_unreachable_store_keeps_the_discard_queued_with_the_error(ledger: Engin
     (pending,) = queue.pending(limit=10)
     assert (pending.request_id, pending.attempts) == ("r-later", 1)
     assert discarded_keys(ledger, "r-later") == []
+
+
+def audit_payloads(engine: Engine, request_id: str, event_type: str) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        payloads = conn.scalars(
+            select(AuditEventRow.payload).where(
+                AuditEventRow.request_id == request_id, AuditEventRow.event_type == event_type
+            )
+        )
+        return [json.loads(p) for p in payloads]
+
+
+def test_the_objects_of_an_id_with_colons_are_found_and_deleted(
+    ledger: Engine, prefix: str
+) -> None:
+    """The discard lists the same encoded prefix the upload wrote to."""
+    units_, queue = units(ledger)
+    store = ObjectStore(storage_settings())
+    created = failed_job(ledger, units_, "cms:asset:7", discard=True)
+    leftover = image_key(prefix, created, "cms:asset:7", 0, "png")
+    neighbour = image_key(prefix, created, "cms:asset:70", 0, "png")
+    upload(store, leftover)
+    upload(store, neighbour)
+    sweeper = DiscardSweeper(
+        queue, store=S3Store(store, prefix=prefix, presign_ttl_s=0), ledger=units_, actor="t"
+    )
+    assert sweeper.sweep() == 1
+    assert list(store.list_keys(prefix + "/")) == [neighbour]
+    assert discarded_keys(ledger, "cms:asset:7") == [[leftover]]
+
+
+def test_a_discard_that_can_never_succeed_ends_recorded(ledger: Engine, prefix: str) -> None:
+    """A queued discard whose keys cannot be built (an id no key can hold, as
+    `cms:asset:42` was before ids were encoded) is ended with an audit event naming why,
+    instead of failing every sweep forever; the discards behind it still run."""
+    units_, queue = units(ledger)
+    store = ObjectStore(storage_settings())
+    JobStore(ledger).begin(
+        request_id="legacy/id",  # not a request id: it has no key
+        payload_sha256="0" * 64,
+        principal="alice",
+        on_behalf_of="alice",
+        worker_id="w1",
+    )
+    units_.conclude(
+        request_id="legacy/id",
+        status="failed",
+        reason="STORAGE_FAILED",
+        result={"request_id": "legacy/id", "status": "failed"},
+        release=False,
+        audit=[AuditRecord("legacy/id", "failed", "w1", {"reason": "STORAGE_FAILED"})],
+        discard_outputs=True,
+    )
+    created = failed_job(ledger, units_, "r-after", discard=True)
+    upload(store, image_key(prefix, created, "r-after", 0, "png"))
+    sweeper = DiscardSweeper(
+        queue, store=S3Store(store, prefix=prefix, presign_ttl_s=0), ledger=units_, actor="t"
+    )
+    assert sweeper.sweep() == 2
+    assert queue.pending(limit=10) == []
+    (abandoned,) = audit_payloads(ledger, "legacy/id", "outputs_discard_abandoned")
+    assert abandoned["cause"] == "INVALID_ID"
+    assert "request id" in abandoned["message"]
+    assert list(store.list_keys(prefix + "/")) == []  # the one behind it was deleted
+    assert sweeper.sweep() == 0  # nothing left to retry, nothing recorded twice
+    assert len(audit_payloads(ledger, "legacy/id", "outputs_discard_abandoned")) == 1
+    with ledger.connect() as conn:
+        index = conn.execute(
+            select(AuditRequest.status, AuditRequest.reason).where(
+                AuditRequest.request_id == "legacy/id"
+            )
+        ).one()
+    assert tuple(index) == ("failed", "STORAGE_FAILED")  # still why the request failed
+    assert verify_chain(ledger).ok
 
 
 def authorization(user: str, images_per_day: int) -> Authorization:

@@ -4,6 +4,7 @@ SeaweedFS and the tiny model, wired exactly as `zimage-pipeline worker` wires th
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -26,11 +27,13 @@ from tests.integration.worker_harness import (
     running_worker,
 )
 from zimage_pipeline.engine.tiny import make_tiny_model
+from zimage_pipeline.ids import request_id_of_segment
 from zimage_pipeline.ledger import migrate
 from zimage_pipeline.ledger.models import Job
+from zimage_pipeline.ledger.txn import as_utc
 from zimage_pipeline.provenance import read_provenance
 from zimage_pipeline.settings import Settings, load_settings
-from zimage_pipeline.storage import ObjectStore
+from zimage_pipeline.storage import ObjectStore, request_prefix
 from zimage_pipeline.wiring import Wiring, build
 
 pytestmark = pytest.mark.integration
@@ -279,3 +282,39 @@ async def test_same_request_to_two_workers_at_once_generates_once(
     assert first == second
     assert counting.images == 1
     assert first["quota_remaining"]["day"] == 100 - 1
+
+
+async def test_an_id_with_colons_is_stored_under_its_encoded_key(
+    stack: tuple[Settings, Wiring],
+) -> None:
+    """Issue 14, section 2: `cms:asset:42` (a CMS URN) passed the schema, then storage
+    refused it; the request was generated five times and ended ILLEGAL_TRANSITION. Now
+    it succeeds, its objects under `cms%3Aasset%3A42`, a key that decodes to the id."""
+    settings, wiring = stack
+    rid = "cms:asset:42"
+    async with running_worker(settings, wiring.ports), client(settings, "alice") as alice:
+        await alice.publish(request(rid, "alice", num_images=2))
+        result = await alice.result_of(rid, wait_s=120)
+    assert (result["status"], result.get("reason")) == ("succeeded", None), result
+
+    store = ObjectStore(settings.storage)
+    folder = result["audit_record_key"].rsplit("/", 1)[0]
+    assert request_id_of_segment(folder.rsplit("/", 1)[1]) == rid
+    assert folder.endswith("/cms%3Aasset%3A42")
+    for image in result["images"]:
+        data = store.get_object(image["key"])
+        assert hashlib.sha256(data).hexdigest() == image["sha256"]
+        assert read_provenance(data).xmp["zimage:RequestId"] == rid  # the id, not its key
+    record = json.loads(store.get_object(result["audit_record_key"]))
+    assert record["request"]["request_id"] == rid
+    assert [o["key"] for o in record["objects"]] == [i["key"] for i in result["images"]]
+    # Listing (what a discard deletes) finds exactly these objects under that prefix.
+    engine = create_engine(settings.database.url)
+    with engine.connect() as conn:
+        job = conn.execute(select(Job.status, Job.created_at).where(Job.request_id == rid)).one()
+    engine.dispose()
+    assert job.status == "succeeded"
+    prefix = request_prefix(settings.storage.prefix, as_utc(job.created_at), rid)
+    assert prefix == folder
+    expected = sorted([*(i["key"] for i in result["images"]), result["audit_record_key"]])
+    assert sorted(store.list_keys(prefix + "/")) == expected

@@ -55,6 +55,7 @@ EVENT_TYPES = frozenset(
         "cancelled",
         "expired",
         "outputs_discarded",
+        "outputs_discard_abandoned",
         "quota_limit_set",
         "quota_granted",
     }

@@ -24,7 +24,7 @@ from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, Executable, Row, Table, bindparam, select, update
 
-from zimage_pipeline.errors import Disposition, ZImageError
+from zimage_pipeline.errors import InternalStateError
 from zimage_pipeline.ledger.models import Job, JobStatus
 from zimage_pipeline.ledger.txn import as_utc, dialect_insert, run_read, run_write, utcnow
 
@@ -64,13 +64,13 @@ class BeginKind(StrEnum):
     BUSY = "busy"  # another worker is working on it right now: try again later
 
 
-class IllegalTransitionError(ZImageError):
-    disposition = Disposition.FAIL
+# Both are the code asking the ledger for something its state forbids: internal, so the
+# reasons below are for operators and a published result says only INTERNAL_ERROR.
+class IllegalTransitionError(InternalStateError):
     reason = "ILLEGAL_TRANSITION"
 
 
-class JobNotFoundError(ZImageError):
-    disposition = Disposition.FAIL
+class JobNotFoundError(InternalStateError):
     reason = "JOB_NOT_FOUND"
 
 

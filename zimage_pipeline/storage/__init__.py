@@ -15,6 +15,7 @@ from zimage_pipeline.storage.keys import (
     request_prefix,
     safe_id,
     safe_prefix,
+    safe_segment,
 )
 from zimage_pipeline.storage.s3 import ObjectStore, StoredObject, canonical_json
 
@@ -32,4 +33,5 @@ __all__ = [
     "request_prefix",
     "safe_id",
     "safe_prefix",
+    "safe_segment",
 ]

@@ -2,8 +2,11 @@
 
 A key is a pure function of the request (its id and the time it was first received) and
 the image's position, so a retry after a crash writes exactly the key the first attempt
-wrote. Nothing user-supplied reaches a key without passing `safe_id`: no separators, no
-`..`, no control characters, nothing a store or a file system could read as a path.
+wrote. Nothing user-supplied reaches a key without passing `safe_id`: the id must be a
+request id (the one alphabet, `zimage_pipeline/ids.py`), and the characters a key should
+not hold (`:`) are percent-encoded, so `cms:asset:42` is stored under `cms%3Aasset%3A42`.
+No separators, no `..`, no control characters, nothing a store or a file system could
+read as a path; and since the encoding is injective, two ids never share a key.
 """
 
 from __future__ import annotations
@@ -11,31 +14,49 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
+from zimage_pipeline.ids import (
+    FORBIDDEN_RUN,
+    KEY_SEGMENT_MAX_LENGTH,
+    KEY_SEGMENT_PATTERN,
+    key_segment,
+)
 from zimage_pipeline.storage.errors import InvalidKeyError
 
-# Letters, digits, dot, dash, underscore; starts with a letter or digit; at most 128.
-_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SEGMENT = re.compile(KEY_SEGMENT_PATTERN)
 IMAGE_EXTENSIONS = frozenset({"png", "webp", "jpeg", "jpg"})
 
 
-def safe_id(value: str) -> str:
-    """Return `value` unchanged if it is safe inside an object key, else raise.
+def safe_id(request_id: str) -> str:
+    """The request id as it appears in a key (see `ids.key_segment`), or InvalidKeyError
+    (REJECT, `INVALID_ID`) if it is not a request id: empty, longer than 128, a character
+    outside `[A-Za-z0-9._:-]`, a leading dot, dash, underscore or colon, or any `..`."""
+    try:
+        return key_segment(request_id)
+    except ValueError as exc:
+        raise InvalidKeyError(f"not a request id, so not in an object key: {exc}") from exc
 
-    Refused: empty, longer than 128, anything but [A-Za-z0-9._-], a leading dot or dash,
-    and any `..` (so no segment can climb out of its prefix on stores that map keys to
-    paths).
-    """
-    if not isinstance(value, str) or not _SAFE_ID.fullmatch(value) or ".." in value:
-        raise InvalidKeyError(f"not a safe id for an object key: {value!r:.80}")
+
+def safe_segment(value: str) -> str:
+    """`value` unchanged if it can be one segment of a key as this project writes keys
+    (letters, digits, `._-` and `%XX` escapes, not starting with `.` or `-`, no `..`),
+    else InvalidKeyError."""
+    if (
+        not isinstance(value, str)
+        or len(value) > KEY_SEGMENT_MAX_LENGTH
+        or not _SEGMENT.fullmatch(value)
+        or FORBIDDEN_RUN in value
+    ):
+        raise InvalidKeyError(f"not a safe object key segment: {value!r:.80}")
     return value
 
 
 def safe_prefix(prefix: str) -> str:
-    """A configured prefix: safe ids joined by '/', or empty. Surrounding slashes dropped."""
+    """A configured prefix: safe segments joined by '/', or empty. Surrounding slashes
+    dropped."""
     stripped = prefix.strip("/")
     if not stripped:
         return ""
-    return "/".join(safe_id(part) for part in stripped.split("/"))
+    return "/".join(safe_segment(part) for part in stripped.split("/"))
 
 
 def _date_path(created_at: datetime) -> str:
@@ -52,7 +73,8 @@ def _join(*parts: str) -> str:
 
 
 def request_prefix(prefix: str, created_at: datetime, request_id: str) -> str:
-    """`{prefix}/{yyyy}/{mm}/{dd}/{request_id}`: everything one request stores."""
+    """`{prefix}/{yyyy}/{mm}/{dd}/{safe_id(request_id)}`: everything one request stores
+    (its discard lists and deletes exactly this prefix)."""
     return _join(safe_prefix(prefix), _date_path(created_at), safe_id(request_id))
 
 

@@ -29,14 +29,19 @@ from botocore.exceptions import BotoCoreError, ClientError
 from zimage_pipeline.settings import StorageSettings
 from zimage_pipeline.storage import wire
 from zimage_pipeline.storage.client import make_s3_client
-from zimage_pipeline.storage.errors import ObjectConflictError, StorageFailedError
-from zimage_pipeline.storage.keys import safe_id
+from zimage_pipeline.storage.errors import (
+    InvalidKeyError,
+    ObjectConflictError,
+    StorageFailedError,
+)
+from zimage_pipeline.storage.keys import safe_segment
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 T = TypeVar("T")
 MAX_PRESIGN_TTL_S = 7 * 24 * 3600  # SigV4 presigned URLs live at most seven days
+MAX_KEY_BYTES = 1024  # S3's limit on a key's UTF-8 length
 _jitter = secrets.SystemRandom()
 
 
@@ -50,8 +55,11 @@ class StoredObject:
 
 
 def checked_key(key: str) -> str:
-    """Every segment of a key must be a safe id (no empty segment, no `..`)."""
-    return "/".join(safe_id(part) for part in key.split("/"))
+    """Every segment of a key must be a safe segment (no empty segment, no `..`, ids
+    already encoded), and the key within S3's 1024 bytes."""
+    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise InvalidKeyError(f"object key longer than {MAX_KEY_BYTES} bytes: {key!r:.80}")
+    return "/".join(safe_segment(part) for part in key.split("/"))
 
 
 class ObjectStore:

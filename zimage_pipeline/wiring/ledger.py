@@ -177,12 +177,24 @@ class LedgerUnits:
 
     def outputs_discarded(self, request_id: str, *, keys: Sequence[str], actor: str) -> bool:
         record = AuditRecord(request_id, "outputs_discarded", actor, {"keys": sorted(keys)})
+        # Nothing had been stored: nothing to record.
+        return self._settle_discard(request_id, [record] if keys else [])
 
+    def outputs_discard_abandoned(
+        self, request_id: str, *, cause: str, message: str, actor: str
+    ) -> bool:
+        # `cause`, not `reason`: the audit index takes a request's reason from the latest
+        # event that names one, and the request's reason is still why it failed.
+        payload = {"cause": cause, "message": message[:512]}
+        record = AuditRecord(request_id, "outputs_discard_abandoned", actor, payload)
+        return self._settle_discard(request_id, [record])
+
+    def _settle_discard(self, request_id: str, records: Sequence[AuditRecord]) -> bool:
         def work(connection: Connection) -> bool:
             if not self._discards.settle(request_id, connection=connection):
                 return False
-            if keys:  # nothing had been stored: nothing to record
-                self._audit.append_many([record], connection=connection)
+            if records:
+                self._audit.append_many(records, connection=connection)
             return True
 
         return run_write(self._engine, work)

@@ -216,9 +216,10 @@ class S3Store:
 
     def discard(self, *, request_id: str, created_at: datetime) -> list[str]:
         """Delete what a failed request stored: everything under its own prefix (built,
-        like its keys, from the sanitized id and the ledger's creation time). On a
-        versioned bucket the deletes leave delete markers; older versions are the
-        bucket's lifecycle policy's to expire."""
+        like its keys, from the encoded id and the ledger's creation time; an id that
+        has no key raises InvalidKeyError, which no retry changes). On a versioned
+        bucket the deletes leave delete markers; older versions are the bucket's
+        lifecycle policy's to expire."""
         prefix = request_prefix(self._prefix, created_at, request_id) + "/"
         keys = list(self._store.list_keys(prefix))
         for key in keys:

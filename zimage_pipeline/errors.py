@@ -94,3 +94,12 @@ class AttemptsExhaustedError(ZImageError):
 
     disposition = Disposition.FAIL
     reason = "ATTEMPTS_EXHAUSTED"
+
+
+class GenerationTimeoutError(ZImageError):
+    """A GPU call ran past its time limit (`worker.generation_timeout_*`). Python cannot
+    stop the thread it runs on, so the process is unusable: FATAL, the worker exits and
+    the delivery is redelivered to another worker (under `worker.max_job_attempts`)."""
+
+    disposition = Disposition.FATAL
+    reason = "GENERATION_TIMEOUT"

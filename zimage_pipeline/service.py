@@ -49,10 +49,12 @@ from zimage_pipeline.ports import (
     BeginKind,
     Encoder,
     Engine,
+    ImageSpec,
     Jobs,
     Ledger,
     NewJob,
     QuotaLeft,
+    RawImage,
     Store,
 )
 from zimage_pipeline.results import (
@@ -64,6 +66,7 @@ from zimage_pipeline.results import (
     stored_payload,
     succeeded_result,
 )
+from zimage_pipeline.watchdog import GenerationWatchdog
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -179,10 +182,12 @@ class RequestService:
         gpu_executor: Executor,
         io_executor: Executor,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        watchdog: GenerationWatchdog | None = None,
     ) -> None:
         self._p = ports
         self._config = config
         self._gpu_executor = gpu_executor
+        self._watchdog = watchdog  # bounds each generation (None: unbounded)
         self._io_executor = io_executor
         self._clock = clock
         # request_ids this process is working on: a duplicate delivery waits its turn.
@@ -195,6 +200,13 @@ class RequestService:
     async def _gpu(self, fn: Callable[..., T], /, *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._gpu_executor, partial(fn, *args))
+
+    async def _generate(self, specs: list[ImageSpec]) -> list[RawImage]:
+        """The engine on the GPU thread, within its time limit when there is a watchdog:
+        past it, GenerationTimeoutError (FATAL) makes the worker exit and requeue."""
+        if self._watchdog is None:
+            return await self._gpu(self._p.engine.generate, specs)
+        return await self._watchdog.run(self._gpu_executor, self._p.engine.generate, specs)
 
     async def _timed(self, job: _Job, phase: str, awaitable: Awaitable[T]) -> T:
         started = time.perf_counter()
@@ -622,7 +634,7 @@ class RequestService:
         """Generate, encode, store and charge an admitted job."""
         request = job.request
         specs = image_specs(request, effective_seed(request, job.payload_sha256))
-        raw_images = await self._timed(job, "generate", self._gpu(self._p.engine.generate, specs))
+        raw_images = await self._timed(job, "generate", self._generate(specs))
         model = self._p.engine.identity
         self._audit(job, "generated", generated_payload(request, model, raw_images, job.timings))
         encoded = await self._timed(

@@ -385,6 +385,13 @@ class WorkerSettings(_Section):
     job_busy_s: float = Field(default=30.0, ge=0)
     max_body_bytes: int = Field(default=65536, ge=1024)
     shutdown_grace_s: float = Field(default=60.0, ge=0)
+    # The time limit of one generation (one request's images, one GPU call):
+    # max(floor, allowance x width x height / 10^6 x steps x images). Past it the GPU is
+    # taken to be hung: /healthz fails, the worker exits 70 for its supervisor to restart
+    # it, and the request is redelivered (watchdog.py). Generous on purpose: a limit too
+    # tight kills healthy workers, one too loose only finds a hang later.
+    generation_timeout_floor_s: float = Field(default=300.0, gt=0)
+    generation_timeout_per_megapixel_step_s: float = Field(default=2.0, ge=0)
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=9464, ge=0, le=65535)
 

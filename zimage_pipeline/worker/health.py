@@ -2,7 +2,8 @@
 
 A deliberately tiny asyncio HTTP/1.0 server: three GET routes, no dependency beyond
 prometheus_client. /healthz answers while the event loop runs (a blocked loop fails the
-probe); /readyz only while the worker is consuming.
+probe) and the process has no `problem` (a hung GPU: 503 naming it); /readyz only while
+the worker is consuming.
 """
 
 from __future__ import annotations
@@ -17,10 +18,19 @@ _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Servic
 
 class HealthServer:
     def __init__(
-        self, *, registry: CollectorRegistry, is_ready: Callable[[], bool], host: str, port: int
+        self,
+        *,
+        registry: CollectorRegistry,
+        is_ready: Callable[[], bool],
+        host: str,
+        port: int,
+        problem: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._registry = registry
         self._is_ready = is_ready
+        # What makes the process unusable though its loop runs (None: nothing): the
+        # liveness probe must fail then, so that the supervisor restarts it.
+        self._problem = problem
         self._host = host
         self._port = port
         self._server: asyncio.Server | None = None
@@ -59,6 +69,9 @@ class HealthServer:
         if method != "GET":
             return 405, "text/plain", b"method not allowed\n"
         if path == "/healthz":
+            problem = self._problem()
+            if problem is not None:
+                return 503, "text/plain", f"unhealthy: {problem}\n".encode()
             return 200, "text/plain", b"ok\n"
         if path == "/readyz":
             if self._is_ready():

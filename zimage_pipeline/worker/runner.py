@@ -14,14 +14,23 @@ from typing import TYPE_CHECKING
 from zimage_pipeline.broker import connect
 from zimage_pipeline.observability import Metrics
 from zimage_pipeline.service import RequestService, ServiceConfig
-from zimage_pipeline.settings import Settings
-from zimage_pipeline.worker.consumer import Worker
+from zimage_pipeline.settings import Settings, WorkerSettings
+from zimage_pipeline.watchdog import (
+    GenerationLimits,
+    GenerationWatchdog,
+    arm_exit_backstop,
+    exit_process,
+)
+from zimage_pipeline.worker.consumer import EXIT_FATAL, Worker
 from zimage_pipeline.worker.health import HealthServer
 
 if TYPE_CHECKING:
     from zimage_pipeline.wiring import Wiring
 
 MAINTENANCE_INTERVAL_S = 30.0
+# After a hung generation, the orderly shutdown may take the grace period for the other
+# in-flight work, plus this for requeueing and closing, before the backstop exits anyway.
+HANG_EXIT_MARGIN_S = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +61,23 @@ async def _maintain(wiring: Wiring, io: Executor, metrics: Metrics) -> None:
         await asyncio.sleep(MAINTENANCE_INTERVAL_S)
 
 
+def generation_watchdog(settings: WorkerSettings) -> GenerationWatchdog:
+    """Each generation's time limit; once one overruns, the process ends within
+    `shutdown_grace_s` + a margin even if the orderly shutdown gets stuck too."""
+    after_s = settings.shutdown_grace_s + HANG_EXIT_MARGIN_S
+    return GenerationWatchdog(
+        GenerationLimits.of(settings),
+        on_hang=lambda _error: arm_exit_backstop(EXIT_FATAL, after_s=after_s),
+    )
+
+
 async def run_worker(
     settings: Settings, wiring: Wiring, *, stop: asyncio.Event | None = None
 ) -> int:
-    """Run until SIGTERM/SIGINT (or `stop`); exit code 0, or 70 after a fatal error."""
+    """Run until SIGTERM/SIGINT (or `stop`); exit code 0, or 70 after a fatal error.
+
+    After a generation past its time limit this does not return: the process exits 70
+    (`exit_process`), since the stuck GPU thread would hold the interpreter's exit."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -67,6 +89,7 @@ async def run_worker(
     # pool for the blocking I/O adapters (ledger, ldap3, boto3, image encoding).
     gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zimage-gpu")
     io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="zimage-io")
+    watchdog = generation_watchdog(settings.worker)
     service = RequestService(
         wiring.ports,
         ServiceConfig(
@@ -77,6 +100,7 @@ async def run_worker(
         ),
         gpu_executor=gpu,
         io_executor=io,
+        watchdog=watchdog,
     )
     worker = Worker(
         connect=lambda: connect(settings.broker, name=f"zimage-worker {worker_id}"),
@@ -92,6 +116,7 @@ async def run_worker(
             is_ready=lambda: worker.ready,
             host=settings.worker.http_host,
             port=settings.worker.http_port,
+            problem=watchdog.problem,
         )
         await health.start()
     log.info("worker %s starting", worker_id)
@@ -109,5 +134,8 @@ async def run_worker(
         for close in wiring.closers:
             with suppress(Exception):
                 close()
+    if watchdog.hung is not None:
+        log.critical("worker %s stopped, %s (exit %d)", worker_id, watchdog.problem(), EXIT_FATAL)
+        exit_process(EXIT_FATAL)
     log.info("worker %s stopped (exit %d)", worker_id, code)
     return code

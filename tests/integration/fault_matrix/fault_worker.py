@@ -10,6 +10,8 @@ only (the production package knows nothing of it):
     generate_delay_s   sleep this long in every generation (makes "mid-generation" last)
     crash_on_prompt    SIGKILL when asked to generate a prompt containing this text (a
                        request that kills every worker that runs it)
+    hang_on_prompt     never return when asked to generate a prompt containing this text
+                       (a hung GPU: the generation's time limit must end the process)
     kill               "after_store"    SIGKILL once the objects are stored, before the
                                         ledger commit
                        "before_publish" SIGKILL once the ledger has the result, before it
@@ -28,6 +30,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -47,12 +50,16 @@ def die(where: str) -> None:
 
 
 class FaultyEngine:
-    """The real engine, slowed by `delay_s` and/or killed by a prompt holding `crash_on`."""
+    """The real engine, slowed by `delay_s`, killed by a prompt holding `crash_on`, and/or
+    stuck for good by a prompt holding `hang_on`."""
 
-    def __init__(self, inner: Engine, *, delay_s: float = 0.0, crash_on: str = "") -> None:
+    def __init__(
+        self, inner: Engine, *, delay_s: float = 0.0, crash_on: str = "", hang_on: str = ""
+    ) -> None:
         self._inner = inner
         self._delay_s = delay_s
         self._crash_on = crash_on
+        self._hang_on = hang_on
 
     @property
     def identity(self) -> ModelIdentity:
@@ -61,6 +68,9 @@ class FaultyEngine:
     def generate(self, specs: Sequence[ImageSpec]) -> list[RawImage]:
         if self._crash_on and any(self._crash_on in s.prompt for s in specs):
             die(f"generating a prompt with {self._crash_on!r}")
+        if self._hang_on and any(self._hang_on in s.prompt for s in specs):
+            print(f"FAULT hanging on a prompt with {self._hang_on!r}", file=sys.stderr, flush=True)
+            threading.Event().wait()  # like a GPU call that never returns: nothing ends it
         if self._delay_s:
             print(f"FAULT generating {len(specs)} image(s) slowly", file=sys.stderr, flush=True)
             time.sleep(self._delay_s)
@@ -99,8 +109,14 @@ def patch_publishing(kill: str) -> None:
 def inject(wiring: Wiring, faults: Mapping[str, Any]) -> Wiring:
     ports = wiring.ports
     delay_s, crash_on = float(faults.get("generate_delay_s", 0)), faults.get("crash_on_prompt")
-    if delay_s or crash_on:
-        faulty = FaultyEngine(ports.engine, delay_s=delay_s, crash_on=str(crash_on or ""))
+    hang_on = faults.get("hang_on_prompt")
+    if delay_s or crash_on or hang_on:
+        faulty = FaultyEngine(
+            ports.engine,
+            delay_s=delay_s,
+            crash_on=str(crash_on or ""),
+            hang_on=str(hang_on or ""),
+        )
         ports = replace(ports, engine=faulty)
     kill = faults.get("kill")
     if kill is not None and kill not in KILL_POINTS:

@@ -75,10 +75,16 @@ PERMS_WORKER=('^zimage\..*' '^zimage\..*' '^zimage\..*')
 # zimage[.<namespace>].requests: a deployment (or a test) may namespace its names.
 PERMS_CLIENT=("^($CLIENT_QUEUES)\$" "^(zimage(\.[a-z0-9]+)?\.requests|$CLIENT_QUEUES)\$"
               "^(zimage(\.[a-z0-9]+)?\.results|$CLIENT_QUEUES)\$")
+# Topic permissions on the results exchange: a client may bind only the routing keys of
+# its own results (result.<its account>.#): no tenant reads another's. {username} is
+# expanded by RabbitMQ. They apply to the exchange named here (exactly, not a pattern).
+RESULTS_EXCHANGE=zimage.results
+TOPIC_PERMS_CLIENT=('^$' '^result\.{username}\.')
 rabbitmq_accounts() {
     local existing; existing="$(rabbitmqctl -q list_users 2>/dev/null | awk '{print $1}')"
     local stamp="$LOCAL/rabbitmq-permissions"
-    local want; want="$(printf '%s\n' "${PERMS_WORKER[@]}" "${PERMS_CLIENT[@]}" | sha256sum | cut -c1-16)"
+    local want; want="$(printf '%s\n' "${PERMS_WORKER[@]}" "${PERMS_CLIENT[@]}" \
+        "$RESULTS_EXCHANGE" "${TOPIC_PERMS_CLIENT[@]}" | sha256sum | cut -c1-16)"
     local perms_changed=0; [[ "$(cat "$stamp" 2>/dev/null)" == "$want" ]] || perms_changed=1
     local user
     for user in "$AMQP_WORKER" "${AMQP_CLIENTS[@]}"; do
@@ -97,6 +103,8 @@ rabbitmq_accounts() {
                 rabbitmqctl -q set_permissions -p / "$user" "${PERMS_WORKER[@]}" >/dev/null
             else
                 rabbitmqctl -q set_permissions -p / "$user" "${PERMS_CLIENT[@]}" >/dev/null
+                rabbitmqctl -q set_topic_permissions -p / "$user" "$RESULTS_EXCHANGE" \
+                    "${TOPIC_PERMS_CLIENT[@]}" >/dev/null
             fi
         fi
     done

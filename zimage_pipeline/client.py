@@ -16,7 +16,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from zimage_pipeline.broker import connect_robust
 from zimage_pipeline.messages import CancelRequest, GenerationRequest, GenerationResult
 from zimage_pipeline.settings import BrokerSettings
-from zimage_pipeline.worker.topology import CANCEL_ROUTING_KEY
+from zimage_pipeline.worker.topology import CANCEL_ROUTING_KEY, results_binding_key
 
 
 class ResultTimeoutError(TimeoutError):
@@ -41,7 +41,7 @@ async def submit(
         if wait_s is not None:
             queue = await channel.declare_queue(exclusive=True, auto_delete=True)
             results = await channel.get_exchange(broker.results_exchange, ensure=False)
-            await queue.bind(results, routing_key="result.#")
+            await queue.bind(results, routing_key=results_binding_key(username))
 
             async def on_result(message: AbstractIncomingMessage) -> None:
                 async with message.process():

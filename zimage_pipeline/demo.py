@@ -34,6 +34,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from zimage_pipeline.broker import connect, connect_robust
 from zimage_pipeline.demo_table import Outcome, expected_outcomes, print_table
 from zimage_pipeline.settings import Settings, load_settings
+from zimage_pipeline.worker.topology import results_binding_key
 
 DESIGN_TEAM = "cn=design-team,ou=groups,dc=example,dc=org"
 TEAM_SLACK = 10  # the team budget stays above bob's own, so his quota is what binds
@@ -209,18 +210,18 @@ async def run_scenario(
             )
             await stack.enter_async_context(connection)
             channels[user] = await connection.channel(publisher_confirms=True)
-        # Bound before anything is published: a fast answer cannot be missed.
-        listener = channels["cms-publisher"]
-        queue = await listener.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(
-            await listener.get_exchange(broker.results_exchange, ensure=False), "result.#"
-        )
 
         async def on_result(message: AbstractIncomingMessage) -> None:
             async with message.process():
                 await tap.put(json.loads(message.body))
 
-        await queue.consume(on_result)
+        # Bound before anything is published: a fast answer cannot be missed. Each
+        # account reads only the results of what it published (topic permissions).
+        for user, channel in channels.items():
+            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            exchange = await channel.get_exchange(broker.results_exchange, ensure=False)
+            await queue.bind(exchange, results_binding_key(user))
+            await queue.consume(on_result)
         for _kind, user, rid, body in plan.publications:
             exchange = await channels[user].get_exchange(broker.requests_exchange, ensure=False)
             document = json.loads(body) if body.startswith(b"{") else {}

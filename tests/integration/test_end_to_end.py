@@ -100,17 +100,16 @@ async def test_requests_end_in_the_expected_outcomes(stack: tuple[Settings, Wiri
         await carol.publish(request("e2e-carol", "carol"))
         await dave.publish(request("e2e-dave", "dave"))
         await alice.publish(request("e2e-too-big", "alice", num_images=8))
-        results = {
-            rid: await alice.result_of(rid, wait_s=120)
-            for rid in (
-                "e2e-alice",
-                "e2e-hero",
-                "e2e-bob-for-alice",
-                "e2e-carol",
-                "e2e-dave",
-                "e2e-too-big",
-            )
+        # Each publisher reads the results of what it published, and only those.
+        publishers = {
+            "e2e-alice": alice,
+            "e2e-hero": cms,
+            "e2e-bob-for-alice": bob,
+            "e2e-carol": carol,
+            "e2e-dave": dave,
+            "e2e-too-big": alice,
         }
+        results = {rid: await who.result_of(rid, wait_s=120) for rid, who in publishers.items()}
 
     outcome = {rid: (r["status"], r.get("reason")) for rid, r in results.items()}
     assert outcome == {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from zimage_pipeline.observability import Metrics
 from zimage_pipeline.service import Ports, RequestService, ServiceConfig
 from zimage_pipeline.settings import BrokerSettings, Settings, WorkerSettings, load_settings
 from zimage_pipeline.worker.consumer import Worker
+from zimage_pipeline.worker.topology import results_binding_key
 
 
 def private_settings(**worker_overrides: Any) -> Settings:
@@ -56,6 +58,9 @@ class Client:
     results_queue: AbstractQueue
     results: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
     stash: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # request_id -> when its first result reached this client (time.monotonic()): results
+    # of different publishers reach different clients, so order is compared by time.
+    arrived_at: dict[str, float] = field(default_factory=dict)
 
     async def publish(
         self,
@@ -111,12 +116,14 @@ async def client(
     else:
         queue = await channel.declare_queue(exclusive=True)
     exchange = await channel.get_exchange(settings.broker.results_exchange, ensure=False)
-    await queue.bind(exchange, routing_key="result.#")
+    await queue.bind(exchange, routing_key=results_binding_key(user))
     c = Client(user, connection, channel, settings.broker, queue)
 
     async def on_result(message: aio_pika.abc.AbstractIncomingMessage) -> None:
         async with message.process():
-            await c.results.put(json.loads(message.body))
+            result = json.loads(message.body)
+            c.arrived_at.setdefault(str(result.get("request_id")), time.monotonic())
+            await c.results.put(result)
 
     await queue.consume(on_result)
     try:

@@ -326,7 +326,7 @@ class Worker:
                 await self._dead_letter(
                     delivery.message, reason=result.reason or "REJECTED", error=result.message or ""
                 )
-            await self._publish_result(result)
+            await self._publish_result(result, publisher=delivery.principal)
             try:
                 await self._service.record_published(result, principal=delivery.principal or "")
             except ZImageError as exc:  # the result is out; a missing event is logged, not fatal
@@ -388,7 +388,7 @@ class Worker:
             raise RuntimeError("worker not started")
         return self._topology
 
-    async def _publish_result(self, result: GenerationResult) -> None:
+    async def _publish_result(self, result: GenerationResult, *, publisher: str | None) -> None:
         message = aio_pika.Message(
             result.to_json_bytes(),
             content_type="application/json",
@@ -400,7 +400,7 @@ class Worker:
         exchange = await self._publish_exchange(self._require_topology().results.name)
         await exchange.publish(
             message,
-            routing_key=result_routing_key(result.status.value, result.reason),
+            routing_key=result_routing_key(publisher, result.status.value, result.reason),
             mandatory=True,
             timeout=PUBLISH_TIMEOUT_S,
         )

@@ -8,7 +8,8 @@
                                    at-least-once dead-lettering)
                                    --dead-letter, original routing key--> requests exchange
     dead-letter exchange (fanout) -> <queue>.dlq (quorum)
-    results exchange (topic, routing key result.<status>[.<reason>])
+    results exchange (topic, routing key result.<publisher>.<status>[.<reason>]; clients
+        may bind only their own publisher word: RabbitMQ topic permissions)
         alternate exchange -> <results>.unrouted (quorum): a result nobody bound for is kept
 
 Priorities: RabbitMQ 3.x quorum queues have no message priorities, so each priority
@@ -18,6 +19,7 @@ class is its own queue and the worker's scheduler serves interactive first.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
@@ -50,10 +52,32 @@ def retry_queue_name(broker: BrokerSettings, delay_s: int) -> str:
     return f"{broker.requests_queue}.retry.{delay_s}s"
 
 
-def result_routing_key(status: str, reason: str | None) -> str:
-    if reason:
-        return f"result.{status}.{reason.lower()}"
-    return f"result.{status}"
+# The routing-key word of a message whose publisher is unknown (no user_id): `%` not
+# followed by two hex digits, which `publisher_word` never produces for a real account.
+ANONYMOUS_WORD = "%anonymous"
+
+
+def publisher_word(publisher: str | None) -> str:
+    """An account name as one routing-key word: `.` separates words and `*`/`#` are
+    wildcards in binding keys, so those (and `%`, the escape) are percent-encoded. A
+    name without them, the usual case, is its own word, which is what RabbitMQ's topic
+    permissions expand `{username}` to."""
+    if not publisher:
+        return ANONYMOUS_WORD
+    return quote(publisher, safe="").replace(".", "%2E")  # quote keeps `.`, not `*#%`
+
+
+def result_routing_key(publisher: str | None, status: str, reason: str | None) -> str:
+    """`result.<publisher>.<status>[.<reason>]`: each result is routed under the account
+    that published the request, so topic permissions can let each account bind only its
+    own (`^result\\.{username}\\.`) and no tenant reads another's results."""
+    key = f"result.{publisher_word(publisher)}.{status}"
+    return f"{key}.{reason.lower()}" if reason else key
+
+
+def results_binding_key(publisher: str) -> str:
+    """What a client binds to receive every result of the requests it publishes."""
+    return f"result.{publisher_word(publisher)}.#"
 
 
 async def declare_exchanges(

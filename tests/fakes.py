@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from zimage_pipeline.errors import DependencyUnavailable, RequestRejectedError
-from zimage_pipeline.messages import GenerationRequest, ImageFormat, Priority
+from zimage_pipeline.messages import CancelOutcome, GenerationRequest, ImageFormat, Priority
 from zimage_pipeline.ports import (
     AuditRecord,
     Authorization,
@@ -96,11 +96,11 @@ class FakeJobs:
         with self.lock:
             self.rows[request_id].update(status=status, result=dict(result))
 
-    def cancel(self, request_id: str, *, principal: str) -> bool:
+    def cancel(self, request_id: str, *, principal: str) -> CancelOutcome:
         with self.lock:
             row = self.rows.get(request_id)
             if row is not None and row["status"] not in ("received", "cancelled"):
-                return False
+                return CancelOutcome.TOO_LATE
             result = {
                 "schema": "zimage.result/v1",
                 "request_id": request_id,
@@ -116,7 +116,7 @@ class FakeJobs:
                 "created_at": datetime.now(UTC),
                 "result": result,
             }
-            return True
+            return CancelOutcome.CANCELLED if row is not None else CancelOutcome.PENDING
 
 
 @dataclass

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from zimage_pipeline.reasons import is_client_reason
+
 
 class Disposition(StrEnum):
     REJECT = "reject"  # the request itself is wrong: answer `rejected`, dead-letter, never retry
@@ -41,8 +43,9 @@ class InternalStateError(ZImageError):
 def client_facing(error: ZImageError) -> tuple[str, str]:
     """The (reason, message) a published result may carry for `error`. Internal errors,
     and errors that name no reason of their own (unexpected exceptions), become
-    INTERNAL_ERROR with a fixed message: their text may name tables, states or code."""
-    if error.internal or error.reason == INTERNAL_ERROR:
+    INTERNAL_ERROR with a fixed message: their text may name tables, states or code. So
+    do reasons outside the closed list of reasons.py: a result can carry no other."""
+    if error.internal or not is_client_reason(error.reason) or error.reason == INTERNAL_ERROR:
         return INTERNAL_ERROR, INTERNAL_MESSAGE
     return error.reason, str(error)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Final, Literal
@@ -16,6 +17,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -28,10 +30,12 @@ from zimage_pipeline.ids import (
     REQUEST_ID_PATTERN,
     no_forbidden_run,
 )
+from zimage_pipeline.reasons import Reason, is_client_reason
 
 REQUEST_SCHEMA: Final = "zimage.request/v1"
 CANCEL_SCHEMA: Final = "zimage.cancel/v1"
 RESULT_SCHEMA: Final = "zimage.result/v1"
+CANCEL_RESULT_SCHEMA: Final = "zimage.cancel-result/v1"
 
 # Z-Image-Turbo's model card: 8 denoising forwards, no classifier-free guidance.
 DEFAULT_STEPS = 8
@@ -56,7 +60,13 @@ LabelKey = Annotated[
 ]
 LabelValue = Annotated[str, StringConstraints(max_length=256)]
 
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _invisible(char: str) -> bool:
+    """Whitespace, or a format character that renders as nothing (zero-width space,
+    joiners, the byte order mark, bidi marks): a prompt of only these says nothing."""
+    return char.isspace() or unicodedata.category(char) == "Cf"
 
 
 class Priority(StrEnum):
@@ -122,15 +132,15 @@ class GenerationRequest(_Message):
     @field_validator("on_behalf_of", "prompt", "negative_prompt")
     @classmethod
     def _printable(cls, value: str | None) -> str | None:
-        if value is not None and _CONTROL_CHARS.search(value):
+        if value is not None and CONTROL_CHARS.search(value):
             raise ValueError("must not contain control characters")
         return value
 
     @field_validator("prompt")
     @classmethod
     def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be blank")
+        if all(_invisible(char) for char in value):
+            raise ValueError("must not be blank (only spaces or invisible characters)")
         return value
 
     @property
@@ -176,6 +186,14 @@ class QuotaRemaining(BaseModel):
     month: int | None = None
 
 
+def _closed_reason(value: object) -> object:
+    # A stored result of an older release may carry a code that is no longer a client's
+    # (an internal one): republished, it says INTERNAL_ERROR instead of failing to load.
+    if isinstance(value, str) and not is_client_reason(value):
+        return Reason.INTERNAL_ERROR
+    return value
+
+
 class GenerationResult(BaseModel):
     """The one terminal answer to a request, published on the results exchange."""
 
@@ -187,11 +205,19 @@ class GenerationResult(BaseModel):
     )
 
     schema_: Literal["zimage.result/v1"] = Field(default=RESULT_SCHEMA, alias="schema")
+    # The request this result is the outcome of; "" when the message answered is not a
+    # request of the ledger (unreadable, invalid, or without a publisher): such a
+    # result never speaks for an id, which may be someone else's.
     request_id: str
     status: Status
-    reason: str | None = None
+    reason: Annotated[Reason | None, BeforeValidator(_closed_reason)] = None
     message: str | None = None
     on_behalf_of: str | None = None
+    # The id the answered message claimed, when it was readable but not answered under
+    # it (request_id ""), so the publisher knows which of its messages failed.
+    claimed_request_id: str | None = None
+    # Echo of the answered message's AMQP correlation_id, else its message_id.
+    correlation_id: str | None = None
     images: list[StoredImage] = Field(default_factory=list)
     audit_record_key: str | None = None
     timings_s: dict[str, float] = Field(default_factory=dict)
@@ -204,6 +230,40 @@ class GenerationResult(BaseModel):
     @classmethod
     def _finite(cls, value: dict[str, float]) -> dict[str, float]:
         return {k: v for k, v in value.items() if math.isfinite(v)}
+
+    def to_json_bytes(self) -> bytes:
+        return self.model_dump_json(by_alias=True, exclude_none=True).encode("utf-8")
+
+
+class CancelOutcome(StrEnum):
+    CANCELLED = "cancelled"  # it had not started: it ends cancelled, nothing charged
+    PENDING = "pending"  # no request of yours has this id yet: when it arrives, it is cancelled
+    TOO_LATE = "too_late"  # it started or ended already: it runs to its end
+    UNKNOWN = "unknown"  # the id is not a request of yours (nothing is remembered)
+    INVALID = "invalid"  # not a valid cancel message; the message says why
+
+
+class CancelResult(BaseModel):
+    """The answer to a cancel, published on the results exchange under routing key
+    `cancel.<publisher>.<outcome>` (a consumer of `result.<publisher>.#` never sees it)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        populate_by_name=True,
+        json_schema_extra={
+            "$id": "https://zimage-pipeline.dev/schemas/zimage.cancel-result.v1.json"
+        },
+    )
+
+    schema_: Literal["zimage.cancel-result/v1"] = Field(
+        default=CANCEL_RESULT_SCHEMA, alias="schema"
+    )
+    request_id: str  # "" when the cancel's id could not be read
+    outcome: CancelOutcome
+    message: str
+    correlation_id: str | None = None
+    finished_at: datetime
 
     def to_json_bytes(self) -> bytes:
         return self.model_dump_json(by_alias=True, exclude_none=True).encode("utf-8")

@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
-from zimage_pipeline.messages import GenerationRequest, ImageFormat, Priority
+from zimage_pipeline.messages import CancelOutcome, GenerationRequest, ImageFormat, Priority
 
 
 class BeginKind(StrEnum):
@@ -43,8 +43,8 @@ class Jobs(Protocol):
         worker_id: str,
     ) -> JobBegin: ...
 
-    def cancel(self, request_id: str, *, principal: str) -> bool:
-        """Cancel a request not yet started; True if it is (now) cancelled."""
+    def cancel(self, request_id: str, *, principal: str) -> CancelOutcome:
+        """Cancel a request of `principal`'s (as publisher or subject) not yet started."""
         ...
 
 

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from zimage_pipeline.errors import ZImageError, client_facing
 from zimage_pipeline.messages import (
+    CONTROL_CHARS,
+    MAX_LABELS,
+    DirectoryId,
     GenerationRequest,
     GenerationResult,
+    LabelKey,
+    LabelValue,
     ModelInfo,
     QuotaRemaining,
     Status,
@@ -156,3 +164,25 @@ def audit_record_of(
         "worker_id": worker_id,
         "attempt": attempt,
     }
+
+
+_LABELS = TypeAdapter(dict[LabelKey, LabelValue])
+_ON_BEHALF_OF = TypeAdapter(DirectoryId)
+
+
+def readable_context(document: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`on_behalf_of` and `labels` of a message that is not a valid request, each when it
+    is well-formed on its own: every result carries them where they were readable, so a
+    CMS can file even a refusal under its asset."""
+    if not document:
+        return {}
+    context: dict[str, Any] = {}
+    with suppress(ValidationError):
+        on_behalf_of = _ON_BEHALF_OF.validate_python(document.get("on_behalf_of"), strict=True)
+        if not CONTROL_CHARS.search(on_behalf_of):
+            context["on_behalf_of"] = on_behalf_of
+    with suppress(ValidationError):
+        labels = _LABELS.validate_python(document.get("labels"), strict=True)
+        if len(labels) <= MAX_LABELS:
+            context["labels"] = labels
+    return context

@@ -12,7 +12,12 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from zimage_pipeline.messages import CancelRequest, GenerationRequest, GenerationResult
+from zimage_pipeline.messages import (
+    CancelRequest,
+    CancelResult,
+    GenerationRequest,
+    GenerationResult,
+)
 
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "docs" / "schemas"
 
@@ -20,6 +25,7 @@ CONTRACT: dict[str, type[BaseModel]] = {
     "zimage.request.v1.json": GenerationRequest,
     "zimage.cancel.v1.json": CancelRequest,
     "zimage.result.v1.json": GenerationResult,
+    "zimage.cancel-result.v1.json": CancelResult,
 }
 
 

@@ -26,7 +26,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from zimage_pipeline.admission import RequestExpiredError, check_limits, ending_status
-from zimage_pipeline.decoding import decode_request, peek_request_id
+from zimage_pipeline.decoding import decode_request, peek_request_id, read_json_object
 from zimage_pipeline.errors import (
     AttemptsExhaustedError,
     Disposition,
@@ -35,7 +35,14 @@ from zimage_pipeline.errors import (
     RequestRejectedError,
     ZImageError,
 )
+from zimage_pipeline.junk_audit import (
+    SUMMARY_EVENT,
+    UNIDENTIFIED_PREFIX,
+    JunkAuditBudget,
+    JunkSummary,
+)
 from zimage_pipeline.messages import (
+    CancelOutcome,
     GenerationRequest,
     GenerationResult,
     Priority,
@@ -62,6 +69,7 @@ from zimage_pipeline.results import (
     audit_record_of,
     generated_payload,
     image_specs,
+    readable_context,
     rejected,
     stored_payload,
     succeeded_result,
@@ -71,7 +79,8 @@ from zimage_pipeline.watchdog import GenerationWatchdog
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 # The audit trail's id for a message that could not be answered under a request id.
-UNIDENTIFIED_PREFIX = "unidentified-"
+# How much of an oversized body is parsed to name the id it claimed in the answer.
+CLAIM_READ_LIMIT_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +199,7 @@ class RequestService:
         self._watchdog = watchdog  # bounds each generation (None: unbounded)
         self._io_executor = io_executor
         self._clock = clock
+        self._junk = JunkAuditBudget()
         # request_ids this process is working on: a duplicate delivery waits its turn.
         self._in_progress: set[str] = set()
 
@@ -246,30 +256,32 @@ class RequestService:
                     f"{routed_as.value!r} it was published with"
                 )
         except InvalidRequestError as exc:
-            return await self._invalid(body, exc, principal=principal)
+            return await self._refuse_message(body, exc, principal=principal)
         if not principal:
             error = RequestRejectedError(
                 "the message carries no AMQP user_id; publishers must set it",
                 reason="UNAUTHENTICATED_PUBLISHER",
             )
-            return Outcome(rejected(request.request_id, error), dead_letter=True)
+            return await self._refuse_message(body, error, principal=None)
 
         if request.request_id in self._in_progress:
             raise JobBusyError(f"request {request.request_id!r} is being processed here")
         self._in_progress.add(request.request_id)
         try:
-            return await self._handle_valid(request, principal)
+            return await self._handle_valid(request, principal, body)
         finally:
             self._in_progress.discard(request.request_id)
 
-    async def _handle_valid(self, request: GenerationRequest, principal: str) -> Outcome:
+    async def _handle_valid(
+        self, request: GenerationRequest, principal: str, body: bytes
+    ) -> Outcome:
         digest = payload_digest(request)
         authorized = await self._authorize(request, principal)
         admitted = await self._admit_first_delivery(request, principal, digest, authorized)
         if admitted is not None:
             job, auth = admitted
             return await self._run(job, lambda: self._execute(job, auth))
-        return await self._begin_and_serve(request, principal, digest, authorized)
+        return await self._begin_and_serve(request, principal, digest, authorized, body)
 
     async def _authorize(self, request: GenerationRequest, principal: str) -> _Authorized:
         started = time.perf_counter()
@@ -287,6 +299,7 @@ class RequestService:
         principal: str,
         digest: str,
         authorized: _Authorized,
+        body: bytes,
     ) -> Outcome:
         begin = await self._io(
             self._p.jobs.begin,
@@ -297,11 +310,13 @@ class RequestService:
             worker_id=self._config.worker_id,
         )
         if begin.kind is BeginKind.CONFLICT:
+            # The id is another request's (maybe another publisher's): answered without
+            # it, and never written into its trail.
             error = RequestRejectedError(
                 f"request_id {request.request_id!r} was already used for a different request",
                 reason="REQUEST_ID_CONFLICT",
             )
-            return Outcome(rejected(request.request_id, error), dead_letter=True)
+            return await self._refuse_message(body, error, principal=principal)
         if begin.kind is BeginKind.BUSY:
             raise JobBusyError(f"request {request.request_id!r} is being processed elsewhere")
         if begin.kind is BeginKind.TERMINAL:
@@ -421,69 +436,51 @@ class RequestService:
                 log.warning("request %s is no longer this worker's (taken over)", request_id)
                 return
 
-    async def _invalid(
-        self, body: bytes, error: InvalidRequestError, *, principal: str | None
+    async def _refuse_message(
+        self, body: bytes, error: RequestRejectedError, *, principal: str | None
     ) -> Outcome:
-        """A message that is not a valid request, dead-lettered with a clear reason.
+        """A message that is not a request of the ledger (invalid, or without a
+        publisher), answered and dead-lettered with a clear reason.
 
-        Answered under its request_id only if the ledger gives it that id: a malformed
-        message must not contradict the outcome of another request that uses the same
-        id (anyone can publish junk under anyone's id). The id is claimed like any
-        request's, keyed by the raw bytes: a redelivery of the same bytes gets the same
-        answer, a later real request under that id is a REQUEST_ID_CONFLICT."""
-        request_id = peek_request_id(body, max_bytes=self._config.max_body_bytes)
-        if not request_id or not principal:
-            await self._audit_unidentified(body, error, principal=principal, claimed=request_id)
-            return Outcome(rejected("", error), dead_letter=True)
-        begin = await self._io(
-            self._p.jobs.begin,
-            request_id=request_id,
-            payload_sha256="invalid:" + hashlib.sha256(body).hexdigest()[:56],
-            principal=principal,
-            on_behalf_of=principal,
-            worker_id=self._config.worker_id,
-        )
-        if begin.kind is BeginKind.TERMINAL and begin.result is not None:
-            stored = GenerationResult.model_validate(begin.result)
-            return Outcome(stored, dead_letter=True, republished=True)
-        if begin.kind is not BeginKind.NEW:  # the id is another request's
-            await self._audit_unidentified(body, error, principal=principal, claimed=request_id)
-            return Outcome(rejected("", error), dead_letter=True)
-        result = rejected(request_id, error)
-        denied = AuditRecord(
-            request_id,
-            "denied",
-            principal,
-            {
-                "user": principal,
-                "principal": principal,
-                "reason": error.reason,
-                "message": str(error),
-            },
-        )
-        await self._io(
-            self._p.ledger.conclude,
-            request_id=request_id,
-            status=result.status.value,
-            reason=error.reason,
-            result=result.model_dump(mode="json", by_alias=True),
-            release=False,
-            audit=[denied],
+        It never speaks for, or writes into, a request id: anyone can publish junk under
+        anyone's id, so the answer has `request_id` "" and names the id it claimed in
+        `claimed_request_id`, and the trail is a `denied` event under
+        `unidentified-<sha256 of the bytes>` (junk_audit bounds how many), never an
+        event of that id. Nothing is claimed, so no id can be squatted with junk; the
+        same bytes get the same answer, and a later valid request may use the id."""
+        document = read_json_object(body, max_bytes=CLAIM_READ_LIMIT_BYTES)
+        claimed = peek_request_id(body, max_bytes=CLAIM_READ_LIMIT_BYTES)
+        await self._audit_unidentified(body, error, principal=principal, claimed=claimed)
+        result = rejected("", error).model_copy(
+            update={"claimed_request_id": claimed, **readable_context(document)}
         )
         return Outcome(result, dead_letter=True)
 
     async def _audit_unidentified(
-        self, body: bytes, error: InvalidRequestError, *, principal: str | None, claimed: str | None
+        self,
+        body: bytes,
+        error: RequestRejectedError,
+        *,
+        principal: str | None,
+        claimed: str | None,
     ) -> None:
         """A message answered without a request id still leaves a trail: a `denied` event
         under `unidentified-<sha256 of the bytes>` (the same bytes, the same id), naming
-        who published it, why it was refused and the id it claimed, if any."""
+        who published it, why it was refused and the id it claimed, if any; past the
+        publisher's budget (junk_audit), only counted for its window's summary."""
+        who = principal or "unauthenticated"
+        now = time.time()
+        summaries = self._junk.take_summaries(now=now)
+        if summaries:
+            await self._write_junk_summaries(summaries)
+        if not self._junk.admit(who, error.reason, now=now):
+            return
         digest = hashlib.sha256(body).hexdigest()
         await self._io(
             self._p.audit.append,
             request_id=f"{UNIDENTIFIED_PREFIX}{digest[:32]}",
             event_type="denied",
-            actor=principal or "unauthenticated",
+            actor=who,
             payload={
                 "principal": principal,
                 "reason": error.reason,
@@ -493,6 +490,19 @@ class RequestService:
                 "claimed_request_id": claimed or None,
             },
         )
+
+    async def flush_junk_summaries(self, *, all_windows: bool = False) -> None:
+        """Write the summaries of closed junk windows (the worker calls this periodically
+        and at shutdown, so a count is written even when the junk stops)."""
+        summaries = self._junk.take_summaries(now=time.time(), all_windows=all_windows)
+        if summaries:
+            await self._write_junk_summaries(summaries)
+
+    async def _write_junk_summaries(self, summaries: list[JunkSummary]) -> None:
+        records = [
+            AuditRecord(s.request_id, SUMMARY_EVENT, s.publisher, s.payload()) for s in summaries
+        ]
+        await self._io(self._p.audit.append_many, records)
 
     def _received_payload(self, job: _Job) -> dict[str, Any]:
         # Keys the audit index understands (user, principal, labels, prompt, ...); the
@@ -514,7 +524,7 @@ class RequestService:
     async def record_published(self, result: GenerationResult, *, principal: str) -> None:
         """Called by the worker once the broker confirmed the result."""
         if not result.request_id:
-            return  # an unparseable message: its trail is the DLQ copy
+            return  # not a request of the ledger: its trail is its `unidentified-` event
         await self._io(
             self._p.audit.append,
             request_id=result.request_id,
@@ -708,5 +718,5 @@ class RequestService:
         job.pending_audit = []
         return published[-1]
 
-    async def cancel(self, request_id: str, *, principal: str) -> bool:
+    async def cancel(self, request_id: str, *, principal: str) -> CancelOutcome:
         return await self._io(self._p.jobs.cancel, request_id, principal=principal)

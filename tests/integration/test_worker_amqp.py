@@ -93,9 +93,13 @@ async def test_duplicate_is_answered_again_without_generating_twice(settings: Se
         second = await alice.next_result()
         await alice.publish(request("dup-1", prompt="something else"))
         conflict = await alice.next_result()
+    # The same answer, each echoing its own message's id (aio-pika sets a message_id).
+    assert first.pop("correlation_id") != second.pop("correlation_id")
     assert first == second
     assert len(ports.engine.calls) == 1  # type: ignore[attr-defined]
     assert conflict["status"] == "rejected" and conflict["reason"] == "REQUEST_ID_CONFLICT"
+    # The conflict does not speak for dup-1 (whose outcome is the first's): it names it.
+    assert (conflict["request_id"], conflict["claimed_request_id"]) == ("", "dup-1")
 
 
 async def test_invalid_messages_are_rejected_dead_lettered_and_the_queue_flows(

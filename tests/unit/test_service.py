@@ -20,7 +20,8 @@ from tests.fakes import (
     fake_ledger,
 )
 from zimage_pipeline.decoding import decode_request
-from zimage_pipeline.errors import DependencyUnavailable, Disposition
+from zimage_pipeline.errors import DependencyUnavailable, Disposition, InvalidRequestError
+from zimage_pipeline.junk_audit import JunkAuditBudget
 from zimage_pipeline.messages import Status
 from zimage_pipeline.ports import Limits
 from zimage_pipeline.service import (
@@ -297,28 +298,56 @@ async def test_a_running_job_beats_until_it_ends() -> None:
     assert ledger.jobs.rows["beat-1"].get("beats", 0) == beats  # stopped at the end
 
 
-async def test_a_malformed_message_claims_a_free_id_but_never_answers_under_a_taken_one() -> None:
+async def test_a_malformed_message_never_claims_or_speaks_for_an_id() -> None:
     service, ports = make()
     ledger = ports.ledger
-    junk = json.dumps({"request_id": "j1", "on_behalf_of": "alice", "prompt": ""}).encode()
+    junk = json.dumps(
+        {"request_id": "j1", "on_behalf_of": "alice", "prompt": "", "labels": {"sku": "S1"}}
+    ).encode()
     first = await service.handle(junk, principal="alice")
-    assert first.dead_letter and first.result.request_id == "j1"
+    assert first.dead_letter and first.result.request_id == ""
+    assert first.result.claimed_request_id == "j1"  # the publisher knows which failed
+    assert (first.result.on_behalf_of, first.result.labels) == ("alice", {"sku": "S1"})
     assert first.result.reason == "INVALID_REQUEST"
-    assert ledger.jobs.rows["j1"]["status"] == "rejected"  # type: ignore[attr-defined]
+    assert "j1" not in ledger.jobs.rows  # type: ignore[attr-defined]  # nothing claimed
     again = await service.handle(junk, principal="alice")  # a redelivery: the same answer
-    assert again.result == first.result
-    # A real request under that id is now a conflict; junk under a taken id is answered
-    # without it, so it contradicts nothing.
-    taken = await service.handle(body("r-taken"), principal="alice")
-    assert taken.result.status is Status.SUCCEEDED
-    bad = json.dumps({"request_id": "r-taken", "on_behalf_of": "bob", "width": 3}).encode()
+    assert again.result.model_dump(exclude={"finished_at"}) == first.result.model_dump(
+        exclude={"finished_at"}
+    )
+    # So junk cannot squat an id: a real request under it runs.
+    assert (await service.handle(body("j1"), principal="alice")).result.status is (Status.SUCCEEDED)
+    # Junk under a taken id is answered without it and writes nothing under it...
+    bad = json.dumps({"request_id": "j1", "on_behalf_of": "bob", "width": 3}).encode()
+    events_before = list(ports.audit.events)  # type: ignore[attr-defined]
     stranger = await service.handle(bad, principal="bob")
     assert stranger.dead_letter and stranger.result.request_id == ""
-    assert ledger.jobs.rows["r-taken"]["status"] == "succeeded"  # type: ignore[attr-defined]
+    assert ledger.jobs.rows["j1"]["status"] == "succeeded"  # type: ignore[attr-defined]
     # ... and it leaves its trail under an id of its own bytes, naming what it claimed.
-    assert ("unidentified-" + hashlib.sha256(bad).hexdigest()[:32], "denied") in (
-        ports.audit.events  # type: ignore[attr-defined]
+    new_events = ports.audit.events[len(events_before) :]  # type: ignore[attr-defined]
+    assert new_events == [("unidentified-" + hashlib.sha256(bad).hexdigest()[:32], "denied")]
+
+
+async def test_refusals_of_a_message_never_speak_for_someone_elses_request() -> None:
+    service, ports = make()
+    assert (await service.handle(body("owned-1"), principal="alice")).result.status is (
+        Status.SUCCEEDED
     )
+    trail = [e for e in ports.audit.events if e[0] == "owned-1"]  # type: ignore[attr-defined]
+    # The same id without a publisher, or reused by another publisher for another body:
+    for principal, payload in ((None, body("owned-1")), ("bob", body("owned-1", prompt="x"))):
+        outcome = await service.handle(payload, principal=principal)
+        assert outcome.dead_letter and outcome.result.request_id == ""
+        assert outcome.result.claimed_request_id == "owned-1"
+        assert outcome.result.reason in ("UNAUTHENTICATED_PUBLISHER", "REQUEST_ID_CONFLICT")
+        await service.record_published(outcome.result, principal=principal or "")
+    assert [e for e in ports.audit.events if e[0] == "owned-1"] == trail  # type: ignore[attr-defined]
+
+
+def test_a_prompt_of_invisible_characters_is_blank() -> None:
+    for prompt in ("\u200b\u200b", " \u200d\ufeff ", "\u2060"):
+        with pytest.raises(InvalidRequestError, match=r"prompt: .*blank"):
+            decode_request(body("zw-1", prompt=prompt))
+    assert decode_request(body("zw-2", prompt="\u200bcat")).prompt == "\u200bcat"
 
 
 async def test_a_message_without_a_readable_id_is_audited_under_its_digest() -> None:
@@ -330,3 +359,30 @@ async def test_a_message_without_a_readable_id_is_audited_under_its_digest() -> 
     expected = ("unidentified-" + hashlib.sha256(junk).hexdigest()[:32], "denied")
     assert ports.audit.events == [expected]  # type: ignore[attr-defined]
     assert ports.jobs.rows == {}  # type: ignore[attr-defined]  # no job for junk
+
+
+def test_junk_audit_budget_writes_a_few_then_one_summary_per_window() -> None:
+    budget = JunkAuditBudget(per_window=3, window_s=60)
+    admitted = [budget.admit("mallory", "INVALID_REQUEST", now=100 + i) for i in range(10)]
+    assert admitted == [True] * 3 + [False] * 7
+    assert budget.admit("alice", "INVALID_REQUEST", now=105)  # a budget per publisher
+    assert budget.take_summaries(now=150) == []  # the window is still open
+    # After the window, a new one starts only once the old count is taken.
+    assert not budget.admit("mallory", "UNAUTHENTICATED_PUBLISHER", now=170)
+    [summary] = budget.take_summaries(now=170)
+    assert summary.publisher == "mallory"
+    assert summary.payload()["suppressed"] == 8
+    assert summary.payload()["reasons"] == {"INVALID_REQUEST": 7, "UNAUTHENTICATED_PUBLISHER": 1}
+    assert summary.request_id.startswith("unidentified-summary-")
+    assert budget.admit("mallory", "INVALID_REQUEST", now=171)
+
+
+async def test_a_junk_stream_grows_the_audit_chain_by_a_bounded_amount() -> None:
+    service, ports = make()
+    for i in range(200):
+        await service.handle(b"junk %d" % i, principal="mallory")
+    events = ports.audit.events  # type: ignore[attr-defined]
+    assert len(events) == JunkAuditBudget().per_window  # the rest are counted
+    await service.flush_junk_summaries(all_windows=True)
+    summary = ports.audit.events[-1]  # type: ignore[attr-defined]
+    assert summary[0].startswith("unidentified-summary-") and summary[1] == "denied_summary"

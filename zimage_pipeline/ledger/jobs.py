@@ -22,7 +22,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Executable, Row, Table, bindparam, select, update
+from sqlalchemy import Connection, Engine, Executable, Row, Table, bindparam, delete, select, update
 
 from zimage_pipeline.errors import InternalStateError
 from zimage_pipeline.ledger.models import Job, JobStatus
@@ -276,6 +276,17 @@ class JobStore:
         except IllegalTransitionError:
             return False  # started meanwhile
         return True
+
+    def forget_tombstone(self, request_id: str, tombstone: str, *, tombstone_of: str) -> bool:
+        """Delete the row a cancel left for an id nobody had used (`tombstone` is its
+        payload digest), if it is still `tombstone_of`'s; True if it was deleted."""
+        statement = delete(JOBS).where(
+            JOBS.c.request_id == request_id,
+            JOBS.c.payload_sha256 == tombstone,
+            JOBS.c.principal == tombstone_of,
+            JOBS.c.status == JobStatus.CANCELLED.value,
+        )
+        return run_write(self._engine, lambda c: c.execute(statement).rowcount == 1)
 
     def get(self, request_id: str) -> JobRecord | None:
         return run_read(self._engine, lambda c: _load(c, request_id))

@@ -33,7 +33,9 @@ class DirectoryAuthorizer:
 
     def authorize(self, *, principal: str, on_behalf_of: str) -> Authorization:
         publisher, groups = self._effective(principal)
-        if on_behalf_of == principal:
+        # Directory ids compare without case (LDAP's uid matching): `ALICE` asking for
+        # `alice` asks for herself, as the shared quota already says.
+        if on_behalf_of.casefold() == principal.casefold():
             subject = publisher
         else:
             if not publisher.delegate:

@@ -7,7 +7,7 @@ from typing import Any
 
 from zimage_pipeline.ledger import jobs as ledger_jobs
 from zimage_pipeline.ledger.models import JobStatus
-from zimage_pipeline.messages import GenerationResult, Status
+from zimage_pipeline.messages import CancelOutcome, GenerationResult, Status
 from zimage_pipeline.ports import BeginKind, JobBegin
 
 # The payload digest of a job row created by a cancel that arrived before its request:
@@ -52,22 +52,30 @@ class LedgerJobs:
         if begun.kind is ledger_jobs.BeginKind.BUSY:
             return JobBegin(BeginKind.BUSY, job.attempts, job.created_at)
         if begun.kind is ledger_jobs.BeginKind.CONFLICT:
-            cancelled_early = (
-                job.payload_sha256 == TOMBSTONE
-                and job.status is JobStatus.CANCELLED
-                and job.principal in (principal, on_behalf_of)
-            )
-            if cancelled_early and job.result is not None:
-                return JobBegin(BeginKind.TERMINAL, job.attempts, job.created_at, job.result)
+            if job.payload_sha256 == TOMBSTONE and job.status is JobStatus.CANCELLED:
+                if job.principal in (principal, on_behalf_of) and job.result is not None:
+                    return JobBegin(BeginKind.TERMINAL, job.attempts, job.created_at, job.result)
+                # Another publisher's cancel of an id it never used is not a claim on
+                # the id: forgotten, so ids cannot be squatted by cancelling them.
+                if self._store.forget_tombstone(request_id, TOMBSTONE, tombstone_of=job.principal):
+                    return self.begin(
+                        request_id=request_id,
+                        payload_sha256=payload_sha256,
+                        principal=principal,
+                        on_behalf_of=on_behalf_of,
+                        worker_id=worker_id,
+                    )
             return JobBegin(BeginKind.CONFLICT, job.attempts, job.created_at)
         if begun.kind is ledger_jobs.BeginKind.TERMINAL:
             return JobBegin(BeginKind.TERMINAL, job.attempts, job.created_at, job.result)
         return JobBegin(BeginKind.NEW, job.attempts, job.created_at)
 
-    def cancel(self, request_id: str, *, principal: str) -> bool:
+    def cancel(self, request_id: str, *, principal: str) -> CancelOutcome:
         """Cancel a request that has not started. A cancel may overtake its request (they
-        travel on different queues): then a tombstone row answers the request later."""
-        if self._store.get(request_id) is None:
+        travel on different queues): then a tombstone row remembers it and answers the
+        request, when it comes from the same publisher, with `cancelled`."""
+        job = self._store.get(request_id)
+        if job is None:
             begun = self._store.begin(
                 request_id=request_id,
                 payload_sha256=TOMBSTONE,
@@ -75,10 +83,16 @@ class LedgerJobs:
                 on_behalf_of=principal,
                 worker_id="cancel",
             )
-            if begun.kind is not ledger_jobs.BeginKind.NEW:  # the request won the race
-                return self._store.cancel(
+            if begun.kind is ledger_jobs.BeginKind.NEW:
+                self._store.cancel(
                     request_id, principal=principal, result=cancelled_result(request_id)
                 )
-        return self._store.cancel(
-            request_id, principal=principal, result=cancelled_result(request_id)
-        )
+                return CancelOutcome.PENDING
+            job = begun.job  # the request won the race
+        if principal not in (job.principal, job.on_behalf_of):
+            return CancelOutcome.UNKNOWN  # someone else's id: nothing to say about it
+        if job.payload_sha256 == TOMBSTONE:
+            return CancelOutcome.PENDING
+        if self._store.cancel(request_id, principal=principal, result=cancelled_result(request_id)):
+            return CancelOutcome.CANCELLED
+        return CancelOutcome.TOO_LATE

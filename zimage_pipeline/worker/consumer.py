@@ -15,13 +15,21 @@ import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from zimage_pipeline.decoding import decode_cancel, read_json_object
-from zimage_pipeline.errors import Disposition, JobBusyError, ZImageError
-from zimage_pipeline.messages import RESULT_SCHEMA, GenerationResult, Priority
+from zimage_pipeline.decoding import decode_cancel, peek_request_id, read_json_object
+from zimage_pipeline.errors import Disposition, InvalidRequestError, JobBusyError, ZImageError
+from zimage_pipeline.messages import (
+    CANCEL_RESULT_SCHEMA,
+    RESULT_SCHEMA,
+    CancelOutcome,
+    CancelResult,
+    GenerationResult,
+    Priority,
+)
 from zimage_pipeline.observability import Metrics, bind_job, unbind_job
 from zimage_pipeline.service import Outcome, RequestService
 from zimage_pipeline.settings import BrokerSettings, WorkerSettings
@@ -29,6 +37,7 @@ from zimage_pipeline.worker.scheduler import FairScheduler
 from zimage_pipeline.worker.topology import (
     DELAY_HEADER,
     Topology,
+    cancel_routing_key,
     declare_topology,
     result_routing_key,
 )
@@ -44,6 +53,14 @@ COPY_ID_HEADER = "x-zimage-copy-id"
 REPUBLISHED_AT_HEADER = "x-zimage-republished-at-ms"
 DEFER_DELAY_S = 1
 EXIT_FATAL = 70
+CANCEL_MESSAGES = {
+    CancelOutcome.CANCELLED: "cancelled before it started; nothing is charged",
+    CancelOutcome.PENDING: (
+        "no request with this id has arrived from you yet; it ends cancelled when it does"
+    ),
+    CancelOutcome.TOO_LATE: "the request has started or ended; it runs to its end",
+    CancelOutcome.UNKNOWN: "no request of yours has this id",
+}
 # Readiness: pending deliveries with none started or finished for this long mean the
 # consumer is wedged. Above any sane generation (a hung one is the GPU watchdog's).
 STALL_AFTER_S = 600.0
@@ -251,22 +268,70 @@ class Worker:
         return on_request
 
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
-        principal = self._principal_of(message)
+        """A cancel: applied if it may be, answered (`zimage.cancel-result/v1`) under
+        `cancel.<publisher>.<outcome>`, then acked; an invalid one also dead-lettered."""
         try:
-            cancel = decode_cancel(message.body, max_bytes=self._settings.max_body_bytes)
-            cancelled = await self._service.cancel(cancel.request_id, principal=principal or "")
+            principal = self._principal_of(message)
+            try:
+                cancel = decode_cancel(message.body, max_bytes=self._settings.max_body_bytes)
+                if not principal:
+                    raise InvalidRequestError(
+                        "the message carries no AMQP user_id; publishers must set it"
+                    )
+            except InvalidRequestError as exc:
+                await self._dead_letter(message, reason=exc.reason, error=str(exc))
+                claimed = peek_request_id(message.body, max_bytes=self._settings.max_body_bytes)
+                await self._answer_cancel(
+                    message, principal, claimed or "", CancelOutcome.INVALID, str(exc)
+                )
+                await message.ack()
+                return
+            outcome = await self._service.cancel(cancel.request_id, principal=principal)
             log.info(
                 "cancel %s",
-                "applied" if cancelled else "refused (started, finished or not yours)",
+                outcome.value,
                 extra={"fields": {"request_id": cancel.request_id, "user": principal}},
             )
+            await self._answer_cancel(
+                message, principal, cancel.request_id, outcome, CANCEL_MESSAGES[outcome]
+            )
             await message.ack()
-        except ZImageError as exc:
-            if exc.disposition is Disposition.RETRY:
-                await message.nack(requeue=True)
-                return
-            await self._dead_letter(message, reason=exc.reason, error=str(exc))
-            await message.ack()
+        except Exception as exc:
+            # The ledger or the broker failed mid-way: the cancel comes back (requeued) and
+            # is applied again, which is idempotent, and answered then.
+            log.warning("could not process a cancel; requeueing it: %s", exc)
+            with suppress(Exception):
+                await asyncio.wait_for(message.nack(requeue=True), ACK_TIMEOUT_S)
+
+    async def _answer_cancel(
+        self,
+        message: AbstractIncomingMessage,
+        principal: str | None,
+        request_id: str,
+        outcome: CancelOutcome,
+        text: str,
+    ) -> None:
+        answer = CancelResult(
+            request_id=request_id,
+            outcome=outcome,
+            message=text,
+            correlation_id=message.correlation_id or message.message_id,
+            finished_at=datetime.now(UTC),
+        )
+        exchange = await self._publish_exchange(self._require_topology().results.name)
+        await exchange.publish(
+            aio_pika.Message(
+                answer.to_json_bytes(),
+                content_type="application/json",
+                content_encoding="utf-8",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                correlation_id=answer.correlation_id,
+                type=CANCEL_RESULT_SCHEMA,
+            ),
+            routing_key=cancel_routing_key(principal, outcome.value),
+            mandatory=True,
+            timeout=PUBLISH_TIMEOUT_S,
+        )
 
     # -- dispatching -------------------------------------------------------------------
 
@@ -319,7 +384,11 @@ class Worker:
             unbind_job(token)
 
     async def _answer(self, delivery: _Delivery, outcome: Outcome) -> None:
-        result = outcome.result
+        # Echo what the publisher set to match answers to its messages.
+        message = delivery.message
+        result = outcome.result.model_copy(
+            update={"correlation_id": message.correlation_id or message.message_id}
+        )
         token = bind_job(request_id=result.request_id)
         try:
             if outcome.dead_letter:
@@ -392,8 +461,10 @@ class Worker:
         message = aio_pika.Message(
             result.to_json_bytes(),
             content_type="application/json",
+            content_encoding="utf-8",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=result.request_id or None,
+            correlation_id=result.correlation_id,
             type=RESULT_SCHEMA,
             headers={"status": result.status.value, "reason": result.reason or ""},
         )

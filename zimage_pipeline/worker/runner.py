@@ -46,13 +46,19 @@ def _gpu_memory_probe(metrics: Metrics) -> None:
         metrics.gpu_memory_bytes.set(torch.cuda.memory_allocated())
 
 
-async def _maintain(wiring: Wiring, io: Executor, metrics: Metrics) -> None:
+async def _maintain(
+    wiring: Wiring, io: Executor, metrics: Metrics, service: RequestService
+) -> None:
     """Expire crashed workers' quota leases, delete failed requests' leftover objects,
-    anchor the audit chain, sample GPU memory: every 30 s."""
+    anchor the audit chain, write the junk summaries, sample GPU memory: every 30 s."""
     loop = asyncio.get_running_loop()
     while True:
         with suppress(Exception):
             _gpu_memory_probe(metrics)
+        try:
+            await service.flush_junk_summaries()
+        except Exception:
+            log.exception("could not write the junk summaries; retrying later")
         for task in wiring.maintenance:
             try:
                 await loop.run_in_executor(io, task)
@@ -120,13 +126,15 @@ async def run_worker(
         )
         await health.start()
     log.info("worker %s starting", worker_id)
-    maintenance = asyncio.create_task(_maintain(wiring, io, metrics))
+    maintenance = asyncio.create_task(_maintain(wiring, io, metrics, service))
     try:
         code = await worker.run_until(stop)
     finally:
         maintenance.cancel()
         with suppress(asyncio.CancelledError):
             await maintenance
+        with suppress(Exception):  # the count of a junk window still open
+            await service.flush_junk_summaries(all_windows=True)
         if health is not None:
             await health.stop()
         io.shutdown(wait=False, cancel_futures=True)

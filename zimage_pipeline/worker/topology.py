@@ -75,6 +75,12 @@ def result_routing_key(publisher: str | None, status: str, reason: str | None) -
     return f"{key}.{reason.lower()}" if reason else key
 
 
+def cancel_routing_key(publisher: str | None, outcome: str) -> str:
+    """`cancel.<publisher>.<outcome>`: answers to cancels, beside the results on the
+    results exchange (a consumer of `result.<publisher>.#` does not get them)."""
+    return f"cancel.{publisher_word(publisher)}.{outcome}"
+
+
 def results_binding_key(publisher: str) -> str:
     """What a client binds to receive every result of the requests it publishes."""
     return f"result.{publisher_word(publisher)}.#"

@@ -30,6 +30,9 @@ class JobBegin:
     attempts: int = 1
     created_at: datetime | None = None
     result: Mapping[str, Any] | None = None
+    # TERMINAL because the publisher cancelled this id before the request arrived, and
+    # this is its first arrival: the request's trail (received, cancelled) is written now.
+    cancelled_on_arrival: bool = False
 
 
 class Jobs(Protocol):

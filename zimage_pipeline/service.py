@@ -321,7 +321,10 @@ class RequestService:
             raise JobBusyError(f"request {request.request_id!r} is being processed elsewhere")
         if begin.kind is BeginKind.TERMINAL:
             assert begin.result is not None
-            return Outcome(GenerationResult.model_validate(begin.result), republished=True)
+            stored = GenerationResult.model_validate(begin.result)
+            if begin.cancelled_on_arrival:
+                await self._record_cancelled_on_arrival(request, principal, digest)
+            return Outcome(stored, republished=True)
 
         job = _Job(
             request=request,
@@ -335,6 +338,20 @@ class RequestService:
         if limit and begin.attempts > limit:
             return await self._give_up(job, limit)
         return await self._run(job, lambda: self._serve(job, authorized))
+
+    async def _record_cancelled_on_arrival(
+        self, request: GenerationRequest, principal: str, digest: str
+    ) -> None:
+        """The trail of a request its publisher cancelled before it arrived: received,
+        then cancelled, written when it arrives (the cancel itself could not know it)."""
+        job = _Job(request, principal, digest, attempt=1, created_at=self._clock())
+        self._audit(job, "received", self._received_payload(job))
+        self._audit(
+            job,
+            "cancelled",
+            {"user": request.on_behalf_of, "reason": "CANCELLED", "before_arrival": True},
+        )
+        await self._flush(job)
 
     async def _admit_first_delivery(
         self,
@@ -719,4 +736,15 @@ class RequestService:
         return published[-1]
 
     async def cancel(self, request_id: str, *, principal: str) -> CancelOutcome:
-        return await self._io(self._p.jobs.cancel, request_id, principal=principal)
+        outcome = await self._io(self._p.jobs.cancel, request_id, principal=principal)
+        if outcome is CancelOutcome.CANCELLED:
+            # The request had arrived (its id is the canceller's): its trail says so now.
+            # A `pending` cancel writes its trail when the request arrives, under it.
+            await self._io(
+                self._p.audit.append,
+                request_id=request_id,
+                event_type="cancelled",
+                actor=principal,
+                payload={"user": principal, "reason": "CANCELLED"},
+            )
+        return outcome

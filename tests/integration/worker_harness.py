@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnectio
 
 from tests.conftest import require_env, require_port
 from zimage_pipeline.broker import connect, connect_robust
+from zimage_pipeline.messages import CANCEL_RESULT_SCHEMA
 from zimage_pipeline.observability import Metrics
 from zimage_pipeline.service import Ports, RequestService, ServiceConfig
 from zimage_pipeline.settings import BrokerSettings, Settings, WorkerSettings, load_settings
@@ -57,6 +58,8 @@ class Client:
     broker: BrokerSettings
     results_queue: AbstractQueue
     results: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    # Answers to this client's cancels (zimage.cancel-result/v1), in arrival order.
+    cancel_answers: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
     stash: dict[str, dict[str, Any]] = field(default_factory=dict)
     # request_id -> when its first result reached this client (time.monotonic()): results
     # of different publishers reach different clients, so order is compared by time.
@@ -83,6 +86,12 @@ class Client:
             ),
             routing_key=routing_key or priority,
         )
+
+    async def cancel(self, request_id: str) -> None:
+        await self.publish({"request_id": request_id}, routing_key="cancel")
+
+    async def next_cancel_answer(self, wait_s: float = 30) -> dict[str, Any]:
+        return await asyncio.wait_for(self.cancel_answers.get(), wait_s)
 
     async def next_result(self, wait_s: float = 30) -> dict[str, Any]:
         return await asyncio.wait_for(self.results.get(), wait_s)
@@ -117,11 +126,15 @@ async def client(
         queue = await channel.declare_queue(exclusive=True)
     exchange = await channel.get_exchange(settings.broker.results_exchange, ensure=False)
     await queue.bind(exchange, routing_key=results_binding_key(user))
+    await queue.bind(exchange, routing_key=f"cancel.{user}.#")
     c = Client(user, connection, channel, settings.broker, queue)
 
     async def on_result(message: aio_pika.abc.AbstractIncomingMessage) -> None:
         async with message.process():
             result = json.loads(message.body)
+            if result.get("schema") == CANCEL_RESULT_SCHEMA:
+                await c.cancel_answers.put(result)
+                return
             c.arrived_at.setdefault(str(result.get("request_id")), time.monotonic())
             await c.results.put(result)
 

@@ -288,6 +288,18 @@ class JobStore:
         )
         return run_write(self._engine, lambda c: c.execute(statement).rowcount == 1)
 
+    def adopt_tombstone(
+        self, request_id: str, tombstone: str, *, payload_sha256: str, on_behalf_of: str
+    ) -> bool:
+        """Give a cancel's row (payload digest `tombstone`) the digest of the request it
+        was waiting for; True if this call did (the request's first arrival)."""
+        statement = (
+            update(JOBS)
+            .where(JOBS.c.request_id == request_id, JOBS.c.payload_sha256 == tombstone)
+            .values(payload_sha256=payload_sha256, on_behalf_of=on_behalf_of, updated_at=utcnow())
+        )
+        return run_write(self._engine, lambda c: c.execute(statement).rowcount == 1)
+
     def get(self, request_id: str) -> JobRecord | None:
         return run_read(self._engine, lambda c: _load(c, request_id))
 

@@ -54,7 +54,21 @@ class LedgerJobs:
         if begun.kind is ledger_jobs.BeginKind.CONFLICT:
             if job.payload_sha256 == TOMBSTONE and job.status is JobStatus.CANCELLED:
                 if job.principal in (principal, on_behalf_of) and job.result is not None:
-                    return JobBegin(BeginKind.TERMINAL, job.attempts, job.created_at, job.result)
+                    # The row becomes this request's (its digest replaces the tombstone's),
+                    # so a redelivery is an ordinary republish and the trail is written once.
+                    adopted = self._store.adopt_tombstone(
+                        request_id,
+                        TOMBSTONE,
+                        payload_sha256=payload_sha256,
+                        on_behalf_of=on_behalf_of,
+                    )
+                    return JobBegin(
+                        BeginKind.TERMINAL,
+                        job.attempts,
+                        job.created_at,
+                        job.result,
+                        cancelled_on_arrival=adopted,
+                    )
                 # Another publisher's cancel of an id it never used is not a claim on
                 # the id: forgotten, so ids cannot be squatted by cancelling them.
                 if self._store.forget_tombstone(request_id, TOMBSTONE, tombstone_of=job.principal):

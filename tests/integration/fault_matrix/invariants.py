@@ -46,8 +46,11 @@ from zimage_pipeline.ledger.models import (
 from zimage_pipeline.messages import GenerationResult
 
 TERMINAL = frozenset({"succeeded", "failed", "rejected", "cancelled", "expired"})
-# Rejected before the ledger is asked (no job row): the body is not a request at all.
-PRE_LEDGER_REASONS = frozenset({"INVALID_REQUEST", "UNAUTHENTICATED_PUBLISHER"})
+# Answered without a request id (no job row of theirs): the body is not a request, has
+# no publisher, or reuses an id that holds another request.
+PRE_LEDGER_REASONS = frozenset(
+    {"INVALID_REQUEST", "UNAUTHENTICATED_PUBLISHER", "REQUEST_ID_CONFLICT"}
+)
 # The audit event a request that did not succeed ends with (service._finish_unsuccessful).
 ENDING_EVENT = {
     "rejected": "denied",

@@ -21,6 +21,7 @@ from zimage_pipeline.ports import (
     AuditRecord,
     Authorization,
     BeginKind,
+    CancelDecision,
     EncodedImage,
     ImageSpec,
     JobBegin,
@@ -64,6 +65,7 @@ class FakeJobs:
             row = self.rows.get(request_id)
             if row is None:
                 self.rows[request_id] = {
+                    "principal": principal,
                     "sha": payload_sha256,
                     "status": "received",
                     "attempts": 1,
@@ -96,11 +98,16 @@ class FakeJobs:
         with self.lock:
             self.rows[request_id].update(status=status, result=dict(result))
 
-    def cancel(self, request_id: str, *, principal: str) -> CancelOutcome:
+    def owner(self, request_id: str) -> str | None:
+        with self.lock:
+            row = self.rows.get(request_id)
+            return None if row is None else row.get("principal")
+
+    def cancel(self, request_id: str, *, principal: str) -> CancelDecision:
         with self.lock:
             row = self.rows.get(request_id)
             if row is not None and row["status"] not in ("received", "cancelled"):
-                return CancelOutcome.TOO_LATE
+                return CancelDecision(CancelOutcome.TOO_LATE, request_id)
             result = {
                 "schema": "zimage.result/v1",
                 "request_id": request_id,
@@ -116,7 +123,8 @@ class FakeJobs:
                 "created_at": datetime.now(UTC),
                 "result": result,
             }
-            return CancelOutcome.CANCELLED if row is not None else CancelOutcome.PENDING
+            outcome = CancelOutcome.CANCELLED if row is not None else CancelOutcome.PENDING
+            return CancelDecision(outcome, request_id)
 
 
 @dataclass

@@ -12,6 +12,7 @@ hold are percent-encoded there (`key_segment`), `cms:asset:42` -> `cms%3Aasset%3
 
 from __future__ import annotations
 
+import hashlib
 import re
 import string
 from typing import Final
@@ -37,6 +38,9 @@ KEY_SEGMENT_PATTERN: Final = r"(?:[A-Za-z0-9]|%[0-9A-F]{2})(?:[A-Za-z0-9._-]|%[0
 # The longest segment an id can become: every character escaped (all are ASCII).
 KEY_SEGMENT_MAX_LENGTH: Final = 3 * REQUEST_ID_MAX_LENGTH
 _ESCAPE = re.compile(r"%([0-9A-F]{2})")
+SCOPE_SEPARATOR: Final = "@"
+SCOPE_HASH_LENGTH: Final = 12
+_SCOPED = re.compile(rf"^(.+){SCOPE_SEPARATOR}[0-9a-f]{{{SCOPE_HASH_LENGTH}}}$")
 
 
 def no_forbidden_run(value: str) -> str:
@@ -70,17 +74,48 @@ def check_request_id(value: object) -> str:
     return no_forbidden_run(value)
 
 
+def scoped_key(request_id: str, publisher: str) -> str:
+    """The ledger's key for `publisher`'s request `request_id` when another publisher
+    already holds that id (the first to use an id keeps it bare): `<id>@<hash>`. `@` is
+    outside the request-id alphabet, so a scoped key is never a client's id, and the hash
+    (of the publisher and the whole id) keeps two publishers apart; a long id is cut so
+    that the key stays within REQUEST_ID_MAX_LENGTH."""
+    digest = hashlib.sha256(f"{publisher}\0{request_id}".encode()).hexdigest()
+    room = REQUEST_ID_MAX_LENGTH - len(SCOPE_SEPARATOR) - SCOPE_HASH_LENGTH
+    return f"{request_id[:room]}{SCOPE_SEPARATOR}{digest[:SCOPE_HASH_LENGTH]}"
+
+
+def is_scoped_key(value: str) -> bool:
+    return _SCOPED.fullmatch(value) is not None
+
+
+def check_ledger_key(value: object) -> str:
+    """`value` if the ledger may key a request by it (a request id, or a scoped key of
+    one), else ValueError naming the rule broken."""
+    if isinstance(value, str) and (scoped := _SCOPED.fullmatch(value)):
+        check_request_id(scoped.group(1))
+        if len(value) > REQUEST_ID_MAX_LENGTH:
+            raise ValueError(f"a request key has at most {REQUEST_ID_MAX_LENGTH} characters")
+        return value
+    return check_request_id(value)
+
+
 def key_segment(request_id: str) -> str:
-    """The request id as one object-key segment: ValueError if it is not a request id;
-    otherwise each character outside KEY_SAFE_CHARACTERS becomes `%XX` (its UTF-8 bytes)."""
-    return "".join(_escaped(char) for char in check_request_id(request_id))
+    """The request id (or scoped key) as one object-key segment: ValueError if it is not
+    one; otherwise each character outside KEY_SAFE_CHARACTERS becomes `%XX` (its UTF-8
+    bytes)."""
+    return "".join(_escaped(char) for char in check_ledger_key(request_id))
 
 
 def request_id_of_segment(segment: str) -> str:
     """The inverse of `key_segment`: ValueError for anything `key_segment` never writes
     (lowercase hex, an escaped safe character, a stray `%`, no id once decoded)."""
     decoded = _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), segment)
-    if not is_request_id(decoded) or key_segment(decoded) != segment:
+    try:
+        check_ledger_key(decoded)
+    except ValueError:
+        raise ValueError("not a key segment written for a request id") from None
+    if key_segment(decoded) != segment:
         raise ValueError("not a key segment written for a request id")
     return decoded
 

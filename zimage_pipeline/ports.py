@@ -22,6 +22,9 @@ class BeginKind(StrEnum):
     TERMINAL = "terminal"  # already answered: republish the stored result
     CONFLICT = "conflict"  # same request_id, different payload
     BUSY = "busy"  # another worker is on it right now
+    # The id holds another publisher's request: this publisher's is keyed apart
+    # (ids.scoped_key), so nobody can squat an id by using it first.
+    FOREIGN = "foreign"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,12 @@ class JobBegin:
     cancelled_on_arrival: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class CancelDecision:
+    outcome: CancelOutcome
+    key: str  # the ledger's key of the request cancelled (scoped for a foreign id)
+
+
 class Jobs(Protocol):
     def begin(
         self,
@@ -46,7 +55,11 @@ class Jobs(Protocol):
         worker_id: str,
     ) -> JobBegin: ...
 
-    def cancel(self, request_id: str, *, principal: str) -> CancelOutcome:
+    def owner(self, request_id: str) -> str | None:
+        """The publisher whose request holds `request_id`, None if none does."""
+        ...
+
+    def cancel(self, request_id: str, *, principal: str) -> CancelDecision:
         """Cancel a request of `principal`'s (as publisher or subject) not yet started."""
         ...
 

@@ -53,7 +53,7 @@ DESCRIPTIONS: dict[Reason, tuple[str, bool, str]] = {
     Reason.REQUEST_ID_CONFLICT: (
         "rejected",
         True,
-        "the id was already used by you for a different request (or by another publisher)",
+        "you already used the id for a different request (ids are per publisher)",
     ),
     Reason.UNKNOWN_USER: ("rejected", False, "the directory does not know the user"),
     Reason.ACCOUNT_DISABLED: ("rejected", False, "the user's account is disabled"),

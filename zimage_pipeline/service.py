@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
@@ -35,6 +35,7 @@ from zimage_pipeline.errors import (
     RequestRejectedError,
     ZImageError,
 )
+from zimage_pipeline.ids import is_scoped_key, scoped_key
 from zimage_pipeline.junk_audit import (
     SUMMARY_EVENT,
     UNIDENTIFIED_PREFIX,
@@ -90,6 +91,9 @@ class Outcome:
     result: GenerationResult
     dead_letter: bool = False  # the original goes to the DLQ with the reason in headers
     republished: bool = False  # answered before (redelivery or duplicate)
+    # The ledger's key of the request answered, when it is not the result's request_id
+    # (a publisher's request under an id another publisher holds: ids.scoped_key).
+    ledger_key: str | None = None
 
 
 @dataclass(slots=True)
@@ -164,6 +168,14 @@ def _ending_payload(request: GenerationRequest, error: ZImageError, reason: str)
     if reason != error.reason:
         payload["internal_reason"] = error.reason
     return payload
+
+
+def _answered_as(outcome: Outcome, request_id: str, ledger_key: str) -> Outcome:
+    """`outcome` of the request the ledger keys `ledger_key`, told under the client's id."""
+    if ledger_key == request_id or not outcome.result.request_id:
+        return outcome
+    result = outcome.result.model_copy(update={"request_id": request_id})
+    return replace(outcome, result=result, ledger_key=ledger_key)
 
 
 def payload_digest(request: GenerationRequest) -> str:
@@ -309,14 +321,17 @@ class RequestService:
             on_behalf_of=request.on_behalf_of,
             worker_id=self._config.worker_id,
         )
-        if begin.kind is BeginKind.CONFLICT:
-            # The id is another request's (maybe another publisher's): answered without
-            # it, and never written into its trail.
+        foreign_again = begin.kind is BeginKind.FOREIGN and is_scoped_key(request.request_id)
+        if begin.kind is BeginKind.CONFLICT or foreign_again:
+            # The id is another request of this publisher's: answered without it, and
+            # never written into its trail.
             error = RequestRejectedError(
-                f"request_id {request.request_id!r} was already used for a different request",
+                "request_id was already used by you for a different request",
                 reason="REQUEST_ID_CONFLICT",
             )
             return await self._refuse_message(body, error, principal=principal)
+        if begin.kind is BeginKind.FOREIGN and not is_scoped_key(request.request_id):
+            return await self._serve_scoped(request, principal, body)
         if begin.kind is BeginKind.BUSY:
             raise JobBusyError(f"request {request.request_id!r} is being processed elsewhere")
         if begin.kind is BeginKind.TERMINAL:
@@ -338,6 +353,26 @@ class RequestService:
         if limit and begin.attempts > limit:
             return await self._give_up(job, limit)
         return await self._run(job, lambda: self._serve(job, authorized))
+
+    async def _serve_scoped(
+        self, request: GenerationRequest, principal: str, body: bytes
+    ) -> Outcome:
+        """The id holds another publisher's request: this one is the ledger's under a key
+        of its own (`ids.scoped_key`), and answered under the id the client gave. So an
+        id cannot be squatted by using it first; each publisher's ids are its own."""
+        key = scoped_key(request.request_id, principal)
+        scoped = request.model_copy(update={"request_id": key})
+        outcome = await self._handle_valid(scoped, principal, body)
+        return _answered_as(outcome, request.request_id, key)
+
+    async def _ledger_request(
+        self, request: GenerationRequest, principal: str
+    ) -> GenerationRequest:
+        """The request as the ledger keys it for `principal` (see `_serve_scoped`)."""
+        owner = await self._io(self._p.jobs.owner, request.request_id)
+        if owner is None or owner == principal:
+            return request
+        return request.model_copy(update={"request_id": scoped_key(request.request_id, principal)})
 
     async def _record_cancelled_on_arrival(
         self, request: GenerationRequest, principal: str, digest: str
@@ -538,13 +573,15 @@ class RequestService:
             "attempt": job.attempt,
         }
 
-    async def record_published(self, result: GenerationResult, *, principal: str) -> None:
+    async def record_published(
+        self, result: GenerationResult, *, principal: str, ledger_key: str | None = None
+    ) -> None:
         """Called by the worker once the broker confirmed the result."""
         if not result.request_id:
             return  # not a request of the ledger: its trail is its `unidentified-` event
         await self._io(
             self._p.audit.append,
-            request_id=result.request_id,
+            request_id=ledger_key or result.request_id,
             event_type="published",
             actor=principal,
             payload={"status": result.status.value, "reason": result.reason},
@@ -554,7 +591,8 @@ class RequestService:
         self, body: bytes, *, principal: str, error: ZImageError
     ) -> Outcome:
         """The retry budget is spent: end the request `failed`, releasing its reservation."""
-        request = decode_request(body, max_bytes=self._config.max_body_bytes)
+        client_request = decode_request(body, max_bytes=self._config.max_body_bytes)
+        request = await self._ledger_request(client_request, principal)
         job = _Job(
             request=request,
             principal=principal,
@@ -567,7 +605,7 @@ class RequestService:
         result = await self._finish_unsuccessful(
             job, error, status=Status.FAILED, discard_now=False
         )
-        return Outcome(result)
+        return _answered_as(Outcome(result), client_request.request_id, request.request_id)
 
     async def _finish_unsuccessful(
         self,
@@ -736,15 +774,15 @@ class RequestService:
         return published[-1]
 
     async def cancel(self, request_id: str, *, principal: str) -> CancelOutcome:
-        outcome = await self._io(self._p.jobs.cancel, request_id, principal=principal)
-        if outcome is CancelOutcome.CANCELLED:
+        decision = await self._io(self._p.jobs.cancel, request_id, principal=principal)
+        if decision.outcome is CancelOutcome.CANCELLED:
             # The request had arrived (its id is the canceller's): its trail says so now.
             # A `pending` cancel writes its trail when the request arrives, under it.
             await self._io(
                 self._p.audit.append,
-                request_id=request_id,
+                request_id=decision.key,
                 event_type="cancelled",
                 actor=principal,
                 payload={"user": principal, "reason": "CANCELLED"},
             )
-        return outcome
+        return decision.outcome

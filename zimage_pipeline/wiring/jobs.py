@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from zimage_pipeline.ids import scoped_key
 from zimage_pipeline.ledger import jobs as ledger_jobs
 from zimage_pipeline.ledger.models import JobStatus
 from zimage_pipeline.messages import CancelOutcome, GenerationResult, Status
-from zimage_pipeline.ports import BeginKind, JobBegin
+from zimage_pipeline.ports import BeginKind, CancelDecision, JobBegin
 
 # The payload digest of a job row created by a cancel that arrived before its request:
 # no real request can hash to it (a SHA-256 hex digest has 64 characters).
@@ -79,15 +80,33 @@ class LedgerJobs:
                         on_behalf_of=on_behalf_of,
                         worker_id=worker_id,
                     )
+            if job.principal != principal and job.payload_sha256 != TOMBSTONE:
+                return JobBegin(BeginKind.FOREIGN, job.attempts, job.created_at)
             return JobBegin(BeginKind.CONFLICT, job.attempts, job.created_at)
         if begun.kind is ledger_jobs.BeginKind.TERMINAL:
             return JobBegin(BeginKind.TERMINAL, job.attempts, job.created_at, job.result)
         return JobBegin(BeginKind.NEW, job.attempts, job.created_at)
 
-    def cancel(self, request_id: str, *, principal: str) -> CancelOutcome:
+    def owner(self, request_id: str) -> str | None:
+        job = self._store.get(request_id)
+        return job.principal if job is not None else None
+
+    def cancel(self, request_id: str, *, principal: str) -> CancelDecision:
         """Cancel a request that has not started. A cancel may overtake its request (they
         travel on different queues): then a tombstone row remembers it and answers the
-        request, when it comes from the same publisher, with `cancelled`."""
+        request, when it comes from the same publisher, with `cancelled`. An id that
+        holds another publisher's request means this publisher's own, keyed apart."""
+        job = self._store.get(request_id)
+        if (
+            job is not None
+            and job.payload_sha256 != TOMBSTONE
+            and principal not in (job.principal, job.on_behalf_of)
+        ):
+            key = scoped_key(request_id, principal)
+            return CancelDecision(self._cancel_key(key, principal), key)
+        return CancelDecision(self._cancel_key(request_id, principal), request_id)
+
+    def _cancel_key(self, request_id: str, principal: str) -> CancelOutcome:
         job = self._store.get(request_id)
         if job is None:
             begun = self._store.begin(

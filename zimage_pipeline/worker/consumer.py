@@ -397,7 +397,9 @@ class Worker:
                 )
             await self._publish_result(result, publisher=delivery.principal)
             try:
-                await self._service.record_published(result, principal=delivery.principal or "")
+                await self._service.record_published(
+                    result, principal=delivery.principal or "", ledger_key=outcome.ledger_key
+                )
             except ZImageError as exc:  # the result is out; a missing event is logged, not fatal
                 log.warning("could not record the published event: %s", exc)
             self._metrics.jobs.labels(result.status.value, result.reason or "").inc()

@@ -68,6 +68,7 @@ def assert_invariants(
     Call it after the case's `case_stack` has closed: the broker side (what is left in
     the queues) is read as it closes."""
     world = collect(settings, tap.results, tap.broker)
+    world.result_publishers = list(tap.publishers)
     problems = find_problems(world, expected=expected, extra_results=extra_results)
     assert not problems, format_problems(problems)
     return world

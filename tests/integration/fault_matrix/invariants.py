@@ -35,6 +35,7 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
+from zimage_pipeline.ids import scoped_key
 from zimage_pipeline.junk_audit import SUMMARY_EVENT, UNIDENTIFIED_PREFIX
 from zimage_pipeline.ledger.models import (
     AuditEventRow,
@@ -44,6 +45,7 @@ from zimage_pipeline.ledger.models import (
     QuotaReservation,
 )
 from zimage_pipeline.messages import GenerationResult
+from zimage_pipeline.wiring.jobs import TOMBSTONE
 
 TERMINAL = frozenset({"succeeded", "failed", "rejected", "cancelled", "expired"})
 # Answered without a request id (no job row of theirs): the body is not a request, has
@@ -66,6 +68,7 @@ class JobRow:
     status: str
     reason: str | None
     result: Mapping[str, Any] | None
+    principal: str = ""  # the publisher whose request it is
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +147,8 @@ class World:
     events: list[EventRow] = field(default_factory=list)
     objects: dict[str, ObjectInfo] = field(default_factory=dict)
     results: list[Mapping[str, Any]] = field(default_factory=list)  # every one published
+    # The publisher each result was routed to (result.<publisher>.…), when observed.
+    result_publishers: list[str | None] = field(default_factory=list)
     chain_problems: list[str] = field(default_factory=list)  # from audit.verify_chain
     broker: BrokerView | None = None  # None: the broker side was not observed
 
@@ -189,9 +194,13 @@ def find_problems(
 
 def _outcomes(world: World, expected: Collection[str]) -> list[str]:
     problems: list[str] = []
+    # Each result under the ledger's key of its request: a publisher's request under an
+    # id another publisher holds is keyed apart (ids.scoped_key), answered under the id.
     published: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-    for result in world.results:
-        published[str(result.get("request_id") or "")].append(result)
+    publishers = world.result_publishers or [None] * len(world.results)
+    for result, publisher in zip(world.results, publishers, strict=True):
+        key = ledger_key_of(world, str(result.get("request_id") or ""), publisher)
+        published[key].append({**result, "request_id": key} if key else result)
     for rid in sorted(expected):
         if rid not in world.jobs:
             problems.append(f"{rid}: no job row (no outcome at all)")
@@ -223,6 +232,15 @@ def _outcomes(world: World, expected: Collection[str]) -> list[str]:
                     "published for a request the ledger never saw"
                 )
     return problems
+
+
+def ledger_key_of(world: World, request_id: str, publisher: str | None) -> str:
+    job = world.jobs.get(request_id)
+    if request_id and publisher and job is not None and job.principal != publisher:
+        scoped = scoped_key(request_id, publisher)
+        if scoped in world.jobs:
+            return scoped
+    return request_id
 
 
 def _broker(
@@ -408,8 +426,14 @@ def read_ledger(engine: Engine) -> World:
     """Jobs, quota and audit rows of a whole (test-private) ledger database."""
     world = World()
     with engine.connect() as conn:
-        for row in conn.execute(select(Job.request_id, Job.status, Job.reason, Job.result)):
-            world.jobs[row.request_id] = JobRow(row.request_id, row.status, row.reason, row.result)
+        # A cancel's row for a request that never came is not a request (wiring/jobs.py).
+        jobs = select(Job.request_id, Job.status, Job.reason, Job.result, Job.principal).where(
+            Job.payload_sha256 != TOMBSTONE
+        )
+        for row in conn.execute(jobs):
+            world.jobs[row.request_id] = JobRow(
+                row.request_id, row.status, row.reason, row.result, row.principal
+            )
         reservations = select(
             QuotaReservation.request_id,
             QuotaReservation.subjects,

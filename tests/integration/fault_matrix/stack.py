@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import aio_pika
 from pydantic import SecretStr
@@ -35,7 +36,12 @@ from zimage_pipeline.ports import ImageSpec, ModelIdentity, RawImage
 from zimage_pipeline.settings import Settings, load_settings
 from zimage_pipeline.wiring import Wiring, build
 from zimage_pipeline.worker.consumer import COPY_ID_HEADER, REPUBLISHED_AT_HEADER
-from zimage_pipeline.worker.topology import DELAY_HEADER, declare_exchanges, retry_queue_name
+from zimage_pipeline.worker.topology import (
+    ANONYMOUS_WORD,
+    DELAY_HEADER,
+    declare_exchanges,
+    retry_queue_name,
+)
 
 # Small on purpose: a crashed worker's job is taken over after this long (the default,
 # 120 s, protects a slow job from a duplicate; here it would only make the matrix slow).
@@ -172,6 +178,7 @@ class ResultTap:
 
     def __init__(self) -> None:
         self.results: list[dict[str, Any]] = []
+        self.publishers: list[str | None] = []  # whose routing key each result came under
         self.broker = BrokerView()
 
     def of(self, request_id: str) -> list[dict[str, Any]]:
@@ -226,6 +233,7 @@ async def result_tap(settings: Settings) -> AsyncIterator[ResultTap]:
         async def on_result(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             async with message.process():
                 tap.results.append(json.loads(message.body))
+                tap.publishers.append(publisher_of(message.routing_key or ""))
 
         async def on_request(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             async with message.process():
@@ -238,6 +246,12 @@ async def result_tap(settings: Settings) -> AsyncIterator[ResultTap]:
         await sightings.delete(if_unused=False, if_empty=False)
     finally:
         await connection.close()
+
+
+def publisher_of(routing_key: str) -> str | None:
+    """The account a result was routed to: `result.<publisher word>.<status>...`."""
+    parts = routing_key.split(".")
+    return unquote(parts[1]) if len(parts) > 2 and parts[1] != ANONYMOUS_WORD else None
 
 
 def sighting_of(message: aio_pika.abc.AbstractIncomingMessage) -> Sighting:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import aio_pika
 import pytest
-from sqlalchemy import select
+from sqlalchemy import create_engine, select
 
 from tests.integration.fault_matrix.checker import assert_invariants
 from tests.integration.fault_matrix.stack import (
@@ -30,7 +31,8 @@ from tests.integration.fault_matrix.stack import (
 )
 from tests.integration.worker_harness import client, running_worker
 from zimage_pipeline.audit.queries import AuditFilter, query_requests
-from zimage_pipeline.ledger.models import AuditEventRow
+from zimage_pipeline.ids import scoped_key
+from zimage_pipeline.ledger.models import AuditEventRow, Job
 
 pytestmark = pytest.mark.integration
 
@@ -66,17 +68,16 @@ async def test_refusals_never_speak_for_or_write_into_another_request(
         body = json.dumps({"priority": "standard", **request(rid)}).encode()
         await exchange.publish(aio_pika.Message(body), routing_key="standard")
         await bob.publish(request(rid, on_behalf_of="bob", prompt="another body"))
-        conflict = await bob.next_result()
-        await tap.wait_for("", count=2)
+        bobs = await bob.next_result(wait_s=60)  # his own request, kept apart
+        await tap.wait_for("")
         assert trail(ledger.engine, rid) == before  # nothing written into alice's trail
-    assert (conflict["request_id"], conflict["claimed_request_id"]) == ("", rid)
-    assert conflict["reason"] == "REQUEST_ID_CONFLICT"
+    assert (bobs["request_id"], bobs["status"], bobs["on_behalf_of"]) == (rid, "succeeded", "bob")
     anonymous = [r for r in tap.of("") if r["reason"] == "UNAUTHENTICATED_PUBLISHER"]
     assert [r["claimed_request_id"] for r in anonymous] == [rid]
     # The compliance view of alice's request still says what happened to it.
     listed = query_requests(ledger.engine, AuditFilter(reason="UNAUTHENTICATED_PUBLISHER"))
     assert rid not in {row.request_id for row in listed}
-    world = assert_invariants(settings, tap, expected={rid})
+    world = assert_invariants(settings, tap, expected={rid, scoped_key(rid, "bob")})
     assert world.jobs[rid].status == "succeeded"
 
 
@@ -96,7 +97,8 @@ async def test_a_cancel_cannot_squat_an_id_and_every_cancel_is_answered(
         assert (await bob.next_cancel_answer())["outcome"] == "pending"
         await alice.publish(request(squatted))
         assert (await alice.result_of(squatted, wait_s=60))["status"] == "succeeded"
-        for who, expected in ((alice, "too_late"), (bob, "unknown")):
+        # Bob's cancel of alice's id concerns bob's own request of that id, if one comes.
+        for who, expected in ((alice, "too_late"), (bob, "pending")):
             await who.cancel(squatted)
             answer = await who.next_cancel_answer()
             assert (answer["request_id"], answer["outcome"]) == (squatted, expected)
@@ -138,3 +140,44 @@ async def test_deeply_nested_json_cannot_wedge_a_priority_queue(
         assert (refusal["status"], refusal["reason"]) == ("rejected", "INVALID_REQUEST")
         assert "nested 20001 levels deep" in refusal["message"]
     assert_invariants(settings, tap, expected={"after-the-junk"})
+
+
+async def test_a_request_cannot_squat_an_id_each_publisher_has_its_own(
+    tiny_model: Path, postgres_url: str
+) -> None:
+    """17. Bob uses an id first (a guessable CMS URN); alice's request under the same id
+    still runs, kept apart under a scoped key, and each reads only their own answer."""
+    settings = matrix_settings(tiny_model, postgres_url)
+    rid = "cms:asset:7"
+    async with (
+        case_stack(settings) as (tap, _),
+        wired(settings) as wiring,
+        running_worker(settings, wiring.ports),
+        client(settings, "alice") as alice,
+        client(settings, "bob") as bob,
+    ):
+        await bob.publish(request(rid, on_behalf_of="bob", prompt="bob's"))
+        assert (await bob.result_of(rid, wait_s=60))["status"] == "succeeded"
+        await alice.publish(request(rid))
+        mine = await alice.result_of(rid, wait_s=60)
+        await alice.publish(request(rid))  # a duplicate: the same answer, nothing new
+        again = await alice.result_of(rid, wait_s=60)
+        await alice.cancel(rid)
+        cancel = await alice.next_cancel_answer()
+    assert (mine["request_id"], mine["status"]) == (rid, "succeeded")
+    assert again["images"] == mine["images"]
+    assert cancel["outcome"] == "too_late"
+    key = scoped_key(rid, "alice")
+    assert ledger_status(postgres_url, key) == "succeeded"
+    assert all(quote(key, safe="") in image["key"] for image in mine["images"])
+    world = assert_invariants(settings, tap, expected={rid, key})
+    assert (world.jobs[rid].principal, world.jobs[key].principal) == ("bob", "alice")
+
+
+def ledger_status(url: str, key: str) -> str | None:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.scalar(select(Job.status).where(Job.request_id == key))
+    finally:
+        engine.dispose()

@@ -76,10 +76,10 @@ PERMS_WORKER=('^zimage\..*' '^zimage\..*' '^zimage\..*')
 PERMS_CLIENT=("^($CLIENT_QUEUES)\$" "^(zimage(\.[a-z0-9]+)?\.requests|$CLIENT_QUEUES)\$"
               "^(zimage(\.[a-z0-9]+)?\.results|$CLIENT_QUEUES)\$")
 # Topic permissions on the results exchange: a client may bind only the routing keys of
-# its own results (result.<its account>.#): no tenant reads another's. {username} is
-# expanded by RabbitMQ. They apply to the exchange named here (exactly, not a pattern).
+# its own results and cancel answers (result|cancel.<its account>.#): no tenant reads
+# another's. RabbitMQ expands {username}. They apply to the exchange named here (exactly).
 RESULTS_EXCHANGE=zimage.results
-TOPIC_PERMS_CLIENT=('^$' '^result\.{username}\.')
+TOPIC_PERMS_CLIENT=('^$' '^(result|cancel)\.{username}\.')
 rabbitmq_accounts() {
     local existing; existing="$(rabbitmqctl -q list_users 2>/dev/null | awk '{print $1}')"
     local stamp="$LOCAL/rabbitmq-permissions"

@@ -10,7 +10,8 @@
 #   scripts/services.sh status  say what runs where
 #
 # Secrets for the local stack are generated once into .local/secrets (mode 600) and reach
-# the application only as *_FILE settings in .local/zimage.env.
+# the application only as *_FILE settings in .local/zimage.env. So does a local C2PA
+# signing chain (.local/c2pa): the demo's and the tests' images carry a signed manifest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -203,6 +204,58 @@ CONF
     fi
 }
 
+# A local C2PA signing chain, so the demo's and the tests' images carry a signed manifest:
+# a root CA (the trust anchor for `provenance show`) and an end-entity signer with what the
+# C2PA certificate profile asks for (ES256 on P-256, CA:FALSE, digitalSignature,
+# emailProtection EKU, key identifiers; C2PA refuses a self-signed signer). Generated once
+# into .local/c2pa (keys mode 600); the signer is re-issued under the same root when it
+# is missing or about to expire, so the trust anchor stays put.
+c2pa_chain() {
+    local dir="$LOCAL/c2pa" out="$LOCAL/c2pa/openssl.log"
+    command -v openssl >/dev/null || apt_install openssl
+    mkdir -p "$dir"; chmod 700 "$dir"
+    local subject="/O=zimage-pipeline local stack/CN=zimage-pipeline local C2PA"
+    if [[ ! -s "$dir/root.key" || ! -s "$dir/root.crt" ]]; then
+        printf '%s\n' "basicConstraints=critical,CA:TRUE,pathlen:0" \
+            "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" \
+            "subjectKeyIdentifier=hash" >"$dir/root.ext"
+        if ! (umask 077 \
+            && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$dir/root.key.new" \
+            && openssl req -new -key "$dir/root.key.new" -subj "$subject root" -out "$dir/root.csr" \
+            && openssl x509 -req -in "$dir/root.csr" -signkey "$dir/root.key.new" -sha256 \
+                -days 3650 -set_serial "0x$(openssl rand -hex 16)" -extfile "$dir/root.ext" \
+                -out "$dir/root.crt.new") >"$out" 2>&1; then
+            log "c2pa: openssl failed to make the root CA (see .local/c2pa/openssl.log)" >&2; return 1
+        fi
+        mv "$dir/root.key.new" "$dir/root.key"; mv "$dir/root.crt.new" "$dir/root.crt"
+        rm -f "$dir/root.csr" "$dir/root.ext" "$out" "$dir/signer.crt" "$dir/signer-chain.pem"
+        log "c2pa: generated a local root CA (.local/c2pa/root.crt); issuing a signer under it"
+    fi
+    if [[ -s "$dir/signer.key" && -s "$dir/signer-chain.pem" ]] \
+        && openssl x509 -in "$dir/signer.crt" -noout -checkend 86400 >/dev/null 2>&1; then
+        log "c2pa: local signing chain in .local/c2pa"
+        return
+    fi
+    printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
+        "extendedKeyUsage=emailProtection" "subjectKeyIdentifier=hash" \
+        "authorityKeyIdentifier=keyid:always" >"$dir/signer.ext"
+    if ! (umask 077 \
+        && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$dir/signer.key.new" \
+        && openssl req -new -key "$dir/signer.key.new" -subj "$subject signer" -out "$dir/signer.csr" \
+        && openssl x509 -req -in "$dir/signer.csr" -CA "$dir/root.crt" -CAkey "$dir/root.key" \
+            -sha256 -days 825 -set_serial "0x$(openssl rand -hex 16)" -extfile "$dir/signer.ext" \
+            -out "$dir/signer.crt.new") >"$out" 2>&1; then
+        log "c2pa: openssl failed to issue the signer (see .local/c2pa/openssl.log)" >&2; return 1
+    fi
+    # The chain setting wants the end-entity certificate first, then its issuers.
+    cat "$dir/signer.crt.new" "$dir/root.crt" >"$dir/signer-chain.pem.new"
+    mv "$dir/signer.key.new" "$dir/signer.key"; mv "$dir/signer.crt.new" "$dir/signer.crt"
+    mv "$dir/signer-chain.pem.new" "$dir/signer-chain.pem"
+    rm -f "$dir/signer.csr" "$dir/signer.ext" "$out"
+    chmod 600 "$dir"/*.key; chmod 644 "$dir"/*.crt "$dir/signer-chain.pem"
+    log "c2pa: issued a local signing certificate (.local/c2pa/signer-chain.pem)"
+}
+
 seaweed_up() {
     local weed="$VENV/bin/weed"
     [[ -x "$weed" ]] || weed="$(command -v weed || true)"
@@ -281,6 +334,10 @@ export ZIMAGE_TEST_LDAP_USER_PASSWORD_FILE="$SECRETS/ldap_user_password"
 export ZIMAGE_STORAGE__ACCESS_KEY_ID_FILE="$SECRETS/s3_access_key_id"
 export ZIMAGE_STORAGE__SECRET_ACCESS_KEY_FILE="$SECRETS/s3_secret_access_key"
 export ZIMAGE_ENGINE__MODEL_PATH="$LOCAL/models/tiny"
+export ZIMAGE_PROVENANCE__C2PA_ENABLED=true
+export ZIMAGE_PROVENANCE__C2PA_CERT_CHAIN_FILE="$LOCAL/c2pa/signer-chain.pem"
+export ZIMAGE_PROVENANCE__C2PA_PRIVATE_KEY_FILE="$LOCAL/c2pa/signer.key"
+export ZIMAGE_PROVENANCE__C2PA_TRUST_ANCHORS_FILE="$LOCAL/c2pa/root.crt"
 ENV
     log "wrote .local/zimage.env (source it to use the local stack)"
 }
@@ -305,6 +362,7 @@ cmd_up() {
     postgres_up
     slapd_up
     seaweed_up
+    c2pa_chain
     write_env
 }
 

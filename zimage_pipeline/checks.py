@@ -2,7 +2,8 @@
 
 Each probe returns a CheckResult instead of raising, so one dead service never hides the
 state of the others. Error texts are passed through `redact` so that no secret can leak
-through a library's exception message.
+through a library's exception message. A result can pass with a warning: something works
+but is configured in a way an operator should know about (C2PA signing off).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class CheckResult:
     name: str
     ok: bool
     detail: str
+    warning: bool = False  # passes, but printed as WARN: worth the operator's attention
 
 
 def redact(text: str, secrets: Iterable[SecretStr | None]) -> str:
@@ -180,12 +182,64 @@ def check_model(settings: Settings) -> CheckResult:
     )
 
 
+C2PA_OFF = (
+    "C2PA signing is off: images carry only the XMP mark, which anyone can strip or copy "
+    "onto another file, so nobody can verify that an image came from this pipeline "
+    "unaltered. Turn it on with [provenance] c2pa_enabled = true, c2pa_cert_chain_file "
+    "and c2pa_private_key_file (ZIMAGE_PROVENANCE__*; scripts/services.sh up writes a "
+    "local chain into .local/zimage.env)"
+)
+
+
+def check_provenance(settings: Settings) -> CheckResult:
+    """Signing off is a warning; on, the chain and key must sign (as the worker's startup
+    self-test does) and, with trust anchors configured, the signature should chain to them."""
+    from zimage_pipeline.provenance import c2pa_manifest
+
+    cfg = settings.provenance
+    if not cfg.c2pa_enabled:
+        return CheckResult("provenance", True, C2PA_OFF, warning=True)
+    signing = c2pa_manifest.load_signing_config(cfg)  # ConfigError: reported as a failure
+    assert signing is not None
+    anchors_file = cfg.c2pa_trust_anchors_file
+    anchors = None
+    if anchors_file is not None:
+        try:
+            anchors = anchors_file.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            return CheckResult(
+                "provenance",
+                True,
+                f"C2PA signing on, but c2pa_trust_anchors_file {anchors_file} is unreadable: {exc}",
+                warning=True,
+            )
+    report = c2pa_manifest.verify(
+        c2pa_manifest.sign_sample(signing), "png", trust_anchors_pem=anchors
+    )
+    what = f"C2PA signing on ({signing.algorithm}) as {report.signer or '?'}"
+    if anchors_file is None:
+        return CheckResult(
+            "provenance", True, f"{what}; no c2pa_trust_anchors_file to verify against"
+        )
+    if not report.trusted:
+        return CheckResult(
+            "provenance",
+            True,
+            f"{what}, but its signature does not chain to c2pa_trust_anchors_file "
+            f"{anchors_file} (state {report.validation_state}): `provenance show` will not "
+            "trust this pipeline's images",
+            warning=True,
+        )
+    return CheckResult("provenance", True, f"{what}, trusted by {anchors_file}")
+
+
 ALL_CHECKS: tuple[Callable[[Settings], CheckResult], ...] = (
     check_broker,
     check_database,
     check_directory,
     check_object_store,
     check_model,
+    check_provenance,
 )
 
 

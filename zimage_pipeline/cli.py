@@ -49,7 +49,9 @@ def _settings(config: Path | None) -> Settings:
 
 @app.command()
 def check(config: ConfigOption = None) -> None:
-    """Validate the configuration and reach every dependency; non-zero exit if any fails."""
+    """Validate the configuration and reach every dependency; non-zero exit if any fails.
+
+    A WARN line (e.g. C2PA signing off) is worth acting on but does not fail the check."""
     from zimage_pipeline.checks import run_checks
 
     settings = _settings(config)
@@ -57,8 +59,11 @@ def check(config: ConfigOption = None) -> None:
     results = run_checks(settings)
     width = max(len(r.name) for r in results)
     for result in results:
-        mark = "PASS" if result.ok else "FAIL"
+        mark = "FAIL" if not result.ok else "WARN" if result.warning else "PASS"
         typer.echo(f"{mark} {result.name + ':':<{width + 1}} {result.detail}")
+    warned = [r.name for r in results if r.ok and r.warning]
+    if warned:
+        typer.echo(f"{len(warned)} warning(s), not failures: {', '.join(warned)}", err=True)
     failed = [r.name for r in results if not r.ok]
     if failed:
         typer.echo(

@@ -117,3 +117,42 @@ def test_schema_behind_head_is_reported(tmp_path: Path, ready_env: dict[str, str
     result = run_check({**ready_env, "ZIMAGE_DATABASE__URL": empty_db}, tmp_path)
     assert result.returncode == 1
     assert "zimage-pipeline db upgrade" in result.stdout
+
+
+def test_c2pa_signing_off_is_a_warning_not_a_failure(
+    ready_env: dict[str, str], tmp_path: Path
+) -> None:
+    result = run_check({**ready_env, "ZIMAGE_PROVENANCE__C2PA_ENABLED": "false"}, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert not [line for line in lines if line.startswith("FAIL")], result.stdout
+    (warning,) = [line for line in lines if line.startswith("WARN")]
+    assert warning.startswith("WARN provenance:"), warning
+    # It says what is off, why that matters and how to turn it on.
+    assert "C2PA signing is off" in warning
+    assert "verify" in warning
+    assert "c2pa_enabled = true" in warning and "c2pa_cert_chain_file" in warning
+    assert "provenance" in result.stderr
+
+
+def test_local_stack_signs_with_a_chain_its_root_trusts(
+    ready_env: dict[str, str], tmp_path: Path
+) -> None:
+    """scripts/services.sh up generates a C2PA chain and turns signing on: `check` signs a
+    sample with it and verifies it against the local root."""
+    anchors = require_env("ZIMAGE_PROVENANCE__C2PA_TRUST_ANCHORS_FILE")
+    result = run_check(ready_env, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if " provenance:" in line]
+    assert line.startswith("PASS provenance: "), line
+    assert "C2PA signing on (es256)" in line and f"trusted by {anchors}" in line, line
+
+
+def test_c2pa_chain_that_cannot_sign_fails(ready_env: dict[str, str], tmp_path: Path) -> None:
+    """A root alone is no signer (C2PA refuses self-signed and CA certificates)."""
+    anchors = require_env("ZIMAGE_PROVENANCE__C2PA_TRUST_ANCHORS_FILE")
+    result = run_check({**ready_env, "ZIMAGE_PROVENANCE__C2PA_CERT_CHAIN_FILE": anchors}, tmp_path)
+    assert result.returncode == 1, result.stdout
+    failing = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(failing) == 1 and failing[0].startswith("FAIL provenance:"), result.stdout
+    assert "not usable" in failing[0]

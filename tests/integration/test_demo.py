@@ -23,11 +23,20 @@ from zimage_pipeline.ledger import migrate
 from zimage_pipeline.ledger.db import create_ledger_engine
 from zimage_pipeline.ledger.quota import QuotaLedger
 from zimage_pipeline.ledger.quota_types import Window, user_subject
+from zimage_pipeline.provenance import read_provenance
 from zimage_pipeline.settings import load_settings
 from zimage_pipeline.storage import ObjectStore
 from zimage_pipeline.wiring import build
 
 pytestmark = pytest.mark.integration
+
+
+def assert_signed_by_the_local_root(store: ObjectStore, keys: list[str]) -> None:
+    """The local stack signs: each image carries a C2PA manifest its root CA vouches for."""
+    anchors = Path(require_env("ZIMAGE_PROVENANCE__C2PA_TRUST_ANCHORS_FILE")).read_text()
+    for key in keys:
+        report = read_provenance(store.get_object(key), trust_anchors_pem=anchors)
+        assert report.ok and report.c2pa.trusted, (key, report.c2pa)
 
 
 async def test_the_demo_scenario_ends_as_expected(
@@ -73,7 +82,7 @@ async def test_the_demo_scenario_ends_as_expected(
     store = ObjectStore(settings.storage)
     keys = [key for r in rows for key in r.keys]
     assert len(keys) == 1 + 2
-    assert all(store.get_object(key) for key in keys)
+    assert_signed_by_the_local_root(store, keys)
     try:
         bob = QuotaLedger(engine).usage(user_subject("bob"))
     finally:

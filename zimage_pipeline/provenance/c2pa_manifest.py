@@ -90,15 +90,7 @@ def load_signing_config(settings: ProvenanceSettings) -> C2paSigningConfig | Non
     try:
         # Signing is where c2pa-rs checks the certificate profile: sign a 1x1 PNG now so a
         # bad certificate stops the worker at startup, not at its first request.
-        sign(
-            _TINY_PNG,
-            "png",
-            title="self-test.png",
-            creator_tool="self-test",
-            model_identity="self-test",
-            request={},
-            config=config,
-        )
+        sign_sample(config)
     except ProvenanceError as exc:
         # c2pa-rs checks the certificate profile here: say so without echoing the key.
         raise ConfigError(
@@ -107,6 +99,19 @@ def load_signing_config(settings: ProvenanceSettings) -> C2paSigningConfig | Non
             "emailProtection or documentSigning EKU, issued by a CA"
         ) from None
     return config
+
+
+def sign_sample(config: C2paSigningConfig) -> bytes:
+    """A 1x1 PNG signed with `config`: the startup self-test, and what `check` verifies."""
+    return sign(
+        _TINY_PNG,
+        "png",
+        title="self-test.png",
+        creator_tool="self-test",
+        model_identity="self-test",
+        request={},
+        config=config,
+    )
 
 
 def _signer(config: C2paSigningConfig) -> Any:

@@ -13,8 +13,10 @@ from zimage_pipeline.directory import (
     LdapDirectory,
     UnknownUserError,
 )
+from zimage_pipeline.errors import RequestRejectedError
 from zimage_pipeline.policy import resolve_policy
 from zimage_pipeline.settings import DirectorySettings, load_settings
+from zimage_pipeline.wiring.identity import DirectoryAuthorizer
 
 pytestmark = pytest.mark.integration
 
@@ -111,3 +113,17 @@ def test_shipped_policy_on_the_seed_directory(directory: LdapDirectory) -> None:
     assert not carol.generate
     bob = resolve_policy(directory.lookup("bob"), policy)
     assert [t.group for t in bob.teams] == [DESIGN]
+
+
+def test_a_user_asking_for_herself_in_another_case_is_not_delegating(
+    directory: LdapDirectory,
+) -> None:
+    """Directory ids compare without case: `alice` for `ALICE` is alice for herself (one
+    quota, the directory's spelling), not a delegation she has no role for; bob for
+    alice still is one."""
+    authorizer = DirectoryAuthorizer(directory, load_settings().policy)
+    auth = authorizer.authorize(principal="alice", on_behalf_of="ALICE")
+    assert (auth.subject, auth.principal) == ("alice", "alice")
+    with pytest.raises(RequestRejectedError) as refused:
+        authorizer.authorize(principal="bob", on_behalf_of="ALICE")
+    assert refused.value.reason == "DELEGATION_NOT_ALLOWED"

@@ -96,10 +96,10 @@ def patch_publishing(kill: str) -> None:
 
     original = Worker._publish_result
 
-    async def publish(self: Worker, result: GenerationResult) -> None:
+    async def publish(self: Worker, result: GenerationResult, **kwargs: Any) -> None:
         if result.status is Status.SUCCEEDED and kill == "before_publish":
             die("after the ledger commit, before publishing the result")
-        await original(self, result)
+        await original(self, result, **kwargs)
         if result.status is Status.SUCCEEDED and kill == "after_publish":
             die("after the broker confirmed the result, before the ack")
 

@@ -98,6 +98,34 @@ class FakeJobs:
         with self.lock:
             self.rows[request_id].update(status=status, result=dict(result))
 
+    def terminal_result(self, request_id: str) -> dict[str, Any] | None:
+        with self.lock:
+            row = self.rows.get(request_id)
+            return None if row is None or row["result"] is None else dict(row["result"])
+
+    def complete_cancelled(self, request_id: str, result: Mapping[str, Any]) -> bool:
+        with self.lock:
+            row = self.rows[request_id]
+            if row["status"] != "cancelled":
+                return False
+            row["result"] = dict(result)
+            return True
+
+    def adopt_cancelled(
+        self,
+        request_id: str,
+        *,
+        payload_sha256: str,
+        on_behalf_of: str,
+        result: Mapping[str, Any],
+    ) -> bool:
+        with self.lock:
+            row = self.rows[request_id]
+            if row["sha"] == payload_sha256:
+                return False
+            row.update(sha=payload_sha256, result=dict(result))
+            return True
+
     def owner(self, request_id: str) -> str | None:
         with self.lock:
             row = self.rows.get(request_id)

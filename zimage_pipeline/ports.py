@@ -33,8 +33,8 @@ class JobBegin:
     attempts: int = 1
     created_at: datetime | None = None
     result: Mapping[str, Any] | None = None
-    # TERMINAL because the publisher cancelled this id before the request arrived, and
-    # this is its first arrival: the request's trail (received, cancelled) is written now.
+    # TERMINAL because this publisher cancelled the id before the request arrived: the
+    # service adopts the row (Jobs.adopt_cancelled) and, the first time, writes the trail.
     cancelled_on_arrival: bool = False
 
 
@@ -57,6 +57,27 @@ class Jobs(Protocol):
 
     def owner(self, request_id: str) -> str | None:
         """The publisher whose request holds `request_id`, None if none does."""
+        ...
+
+    def terminal_result(self, request_id: str) -> Mapping[str, Any] | None:
+        """The stored result of a request that has ended, None if it has not."""
+        ...
+
+    def complete_cancelled(self, request_id: str, result: Mapping[str, Any]) -> bool:
+        """Replace a cancelled request's stored result (with its subject and labels,
+        which the cancel did not know); False if it is not cancelled."""
+        ...
+
+    def adopt_cancelled(
+        self,
+        request_id: str,
+        *,
+        payload_sha256: str,
+        on_behalf_of: str,
+        result: Mapping[str, Any],
+    ) -> bool:
+        """Make the row a cancel left for `request_id` this request's, with `result`;
+        True for the first arrival (that writes the trail)."""
         ...
 
     def cancel(self, request_id: str, *, principal: str) -> CancelDecision:

@@ -30,6 +30,7 @@ from zimage_pipeline.decoding import decode_request, peek_request_id, read_json_
 from zimage_pipeline.errors import (
     AttemptsExhaustedError,
     Disposition,
+    InternalStateError,
     InvalidRequestError,
     JobBusyError,
     RequestRejectedError,
@@ -338,7 +339,7 @@ class RequestService:
             assert begin.result is not None
             stored = GenerationResult.model_validate(begin.result)
             if begin.cancelled_on_arrival:
-                await self._record_cancelled_on_arrival(request, principal, digest)
+                stored = await self._adopt_cancelled(request, principal, digest, stored)
             return Outcome(stored, republished=True)
 
         job = _Job(
@@ -374,11 +375,29 @@ class RequestService:
             return request
         return request.model_copy(update={"request_id": scoped_key(request.request_id, principal)})
 
-    async def _record_cancelled_on_arrival(
-        self, request: GenerationRequest, principal: str, digest: str
-    ) -> None:
-        """The trail of a request its publisher cancelled before it arrived: received,
-        then cancelled, written when it arrives (the cancel itself could not know it)."""
+    async def _adopt_cancelled(
+        self, request: GenerationRequest, principal: str, digest: str, stored: GenerationResult
+    ) -> GenerationResult:
+        """A request its publisher cancelled before it arrived: the cancel's row becomes
+        this request's, with a result that carries its subject and labels like any, and
+        its trail (received, then cancelled) is written by the delivery that adopts it."""
+        result = stored.model_copy(
+            update={
+                "request_id": request.request_id,
+                "on_behalf_of": request.on_behalf_of,
+                "labels": dict(request.labels),
+            }
+        )
+        adopted = await self._io(
+            self._p.jobs.adopt_cancelled,
+            request.request_id,
+            payload_sha256=digest,
+            on_behalf_of=request.on_behalf_of,
+            result=result.model_dump(mode="json", by_alias=True),
+        )
+        if not adopted:  # another delivery of it adopted the row first: its result
+            ended = await self._io(self._p.jobs.terminal_result, request.request_id)
+            return GenerationResult.model_validate(ended) if ended is not None else result
         job = _Job(request, principal, digest, attempt=1, created_at=self._clock())
         self._audit(job, "received", self._received_payload(job))
         self._audit(
@@ -387,6 +406,7 @@ class RequestService:
             {"user": request.on_behalf_of, "reason": "CANCELLED", "before_arrival": True},
         )
         await self._flush(job)
+        return result
 
     async def _admit_first_delivery(
         self,
@@ -629,22 +649,50 @@ class RequestService:
         reason = result.reason or error.reason
         event = "denied" if status is Status.REJECTED else status.value
         self._audit(job, event, _ending_payload(job.request, error, reason))
-        await self._io(
-            self._p.ledger.conclude,
-            request_id=job.request.request_id,
-            status=status.value,
-            reason=reason,
-            result=result.model_dump(mode="json", by_alias=True),
-            release=job.reserved,
-            audit=list(job.pending_audit),
-            discard_outputs=job.store_started,
-            release_event=AuditRecord(
-                job.request.request_id, "quota_released", job.principal, {"reason": reason}
-            ),
-        )
+        try:
+            await self._io(
+                self._p.ledger.conclude,
+                request_id=job.request.request_id,
+                status=status.value,
+                reason=reason,
+                result=result.model_dump(mode="json", by_alias=True),
+                release=job.reserved,
+                audit=list(job.pending_audit),
+                discard_outputs=job.store_started,
+                release_event=AuditRecord(
+                    job.request.request_id, "quota_released", job.principal, {"reason": reason}
+                ),
+            )
+        except InternalStateError:
+            ended = await self._ended_otherwise(job)
+            if ended is None:
+                raise
+            return ended
         job.pending_audit = []
         if job.store_started and discard_now:
             await self._discard_outputs(job)
+        return result
+
+    async def _ended_otherwise(self, job: _Job) -> GenerationResult | None:
+        """The stored result of a request that ended another way while this delivery
+        was deciding (its publisher cancelled it while it waited: the ledger refuses
+        to end it twice), or None. Its trail keeps what this delivery saw, less the
+        ending that did not happen."""
+        request = job.request
+        ended = await self._io(self._p.jobs.terminal_result, request.request_id)
+        if ended is None:
+            return None
+        job.pending_audit = job.pending_audit[:-1]
+        await self._flush(job)
+        result = GenerationResult.model_validate(ended)
+        if result.status is Status.CANCELLED and not result.labels and request.labels:
+            # The cancel could not know the labels: the stored result gets them, so this
+            # answer and any republish of it say the same thing.
+            result = result.model_copy(
+                update={"on_behalf_of": request.on_behalf_of, "labels": dict(request.labels)}
+            )
+            payload = result.model_dump(mode="json", by_alias=True)
+            await self._io(self._p.jobs.complete_cancelled, request.request_id, payload)
         return result
 
     async def _discard_outputs(self, job: _Job) -> None:

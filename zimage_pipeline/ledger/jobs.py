@@ -288,15 +288,58 @@ class JobStore:
         )
         return run_write(self._engine, lambda c: c.execute(statement).rowcount == 1)
 
-    def adopt_tombstone(
-        self, request_id: str, tombstone: str, *, payload_sha256: str, on_behalf_of: str
+    def insert_cancelled(
+        self, request_id: str, tombstone: str, *, principal: str, result: Mapping[str, Any]
     ) -> bool:
-        """Give a cancel's row (payload digest `tombstone`) the digest of the request it
-        was waiting for; True if this call did (the request's first arrival)."""
+        """A cancel's row for an id nobody used yet, inserted already cancelled in one
+        statement (a row first `received`, then cancelled, let a request that arrived
+        between the two find it half made); False if the id is taken."""
+        at = utcnow()
+        row = {
+            **_new_row(request_id, tombstone, principal, principal, "cancel", at),
+            "status": JobStatus.CANCELLED.value,
+            "reason": "CANCELLED",
+            "result": dict(result),
+            "finished_at": at,
+        }
+
+        def work(connection: Connection) -> bool:
+            return connection.execute(_insert_new(connection.dialect.name), row).first() is not None
+
+        return run_write(self._engine, work)
+
+    def adopt_cancelled(
+        self,
+        request_id: str,
+        tombstone: str,
+        *,
+        payload_sha256: str,
+        on_behalf_of: str,
+        result: Mapping[str, Any],
+    ) -> bool:
+        """Give a cancel's row (payload digest `tombstone`) to the request it waited for:
+        its digest, subject and full result; True if this call did (its first arrival)."""
         statement = (
             update(JOBS)
             .where(JOBS.c.request_id == request_id, JOBS.c.payload_sha256 == tombstone)
-            .values(payload_sha256=payload_sha256, on_behalf_of=on_behalf_of, updated_at=utcnow())
+            .values(
+                payload_sha256=payload_sha256,
+                on_behalf_of=on_behalf_of,
+                result=dict(result),
+                updated_at=utcnow(),
+            )
+        )
+        return run_write(self._engine, lambda c: c.execute(statement).rowcount == 1)
+
+    def replace_result(
+        self, request_id: str, *, status: JobStatus, result: Mapping[str, Any]
+    ) -> bool:
+        """Replace the stored result of a job that ended `status` (a cancel's result,
+        completed by the request's own delivery with what only it knows)."""
+        statement = (
+            update(JOBS)
+            .where(JOBS.c.request_id == request_id, JOBS.c.status == status.value)
+            .values(result=dict(result), updated_at=utcnow())
         )
         return run_write(self._engine, lambda c: c.execute(statement).rowcount == 1)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,9 +17,10 @@ from zimage_pipeline.ports import BeginKind, CancelDecision, JobBegin
 TOMBSTONE = "cancelled-before-arrival"
 
 
-def cancelled_result(request_id: str) -> dict[str, Any]:
+def cancelled_result(request_id: str, *, on_behalf_of: str | None = None) -> dict[str, Any]:
     result = GenerationResult(
         request_id=request_id,
+        on_behalf_of=on_behalf_of,
         status=Status.CANCELLED,
         reason="CANCELLED",
         message="cancelled before it started; nothing was charged",
@@ -53,22 +55,16 @@ class LedgerJobs:
         if begun.kind is ledger_jobs.BeginKind.BUSY:
             return JobBegin(BeginKind.BUSY, job.attempts, job.created_at)
         if begun.kind is ledger_jobs.BeginKind.CONFLICT:
-            if job.payload_sha256 == TOMBSTONE and job.status is JobStatus.CANCELLED:
+            if job.payload_sha256 == TOMBSTONE:
                 if job.principal in (principal, on_behalf_of) and job.result is not None:
-                    # The row becomes this request's (its digest replaces the tombstone's),
-                    # so a redelivery is an ordinary republish and the trail is written once.
-                    adopted = self._store.adopt_tombstone(
-                        request_id,
-                        TOMBSTONE,
-                        payload_sha256=payload_sha256,
-                        on_behalf_of=on_behalf_of,
-                    )
+                    # This publisher cancelled the id before the request came: the
+                    # service adopts the row with the request's own result and trail.
                     return JobBegin(
                         BeginKind.TERMINAL,
                         job.attempts,
                         job.created_at,
                         job.result,
-                        cancelled_on_arrival=adopted,
+                        cancelled_on_arrival=True,
                     )
                 # Another publisher's cancel of an id it never used is not a claim on
                 # the id: forgotten, so ids cannot be squatted by cancelling them.
@@ -91,6 +87,31 @@ class LedgerJobs:
         job = self._store.get(request_id)
         return job.principal if job is not None else None
 
+    def terminal_result(self, request_id: str) -> dict[str, Any] | None:
+        job = self._store.get(request_id)
+        if job is None or job.status not in ledger_jobs.TERMINAL or job.result is None:
+            return None
+        return dict(job.result)
+
+    def complete_cancelled(self, request_id: str, result: Mapping[str, Any]) -> bool:
+        return self._store.replace_result(request_id, status=JobStatus.CANCELLED, result=result)
+
+    def adopt_cancelled(
+        self,
+        request_id: str,
+        *,
+        payload_sha256: str,
+        on_behalf_of: str,
+        result: Mapping[str, Any],
+    ) -> bool:
+        return self._store.adopt_cancelled(
+            request_id,
+            TOMBSTONE,
+            payload_sha256=payload_sha256,
+            on_behalf_of=on_behalf_of,
+            result=result,
+        )
+
     def cancel(self, request_id: str, *, principal: str) -> CancelDecision:
         """Cancel a request that has not started. A cancel may overtake its request (they
         travel on different queues): then a tombstone row remembers it and answers the
@@ -109,23 +130,18 @@ class LedgerJobs:
     def _cancel_key(self, request_id: str, principal: str) -> CancelOutcome:
         job = self._store.get(request_id)
         if job is None:
-            begun = self._store.begin(
-                request_id=request_id,
-                payload_sha256=TOMBSTONE,
-                principal=principal,
-                on_behalf_of=principal,
-                worker_id="cancel",
-            )
-            if begun.kind is ledger_jobs.BeginKind.NEW:
-                self._store.cancel(
-                    request_id, principal=principal, result=cancelled_result(request_id)
-                )
+            if self._store.insert_cancelled(
+                request_id, TOMBSTONE, principal=principal, result=cancelled_result(request_id)
+            ):
                 return CancelOutcome.PENDING
-            job = begun.job  # the request won the race
+            job = self._store.get(request_id)  # the request won the race
+            if job is None:  # and was forgotten meanwhile: nothing to cancel now
+                return CancelOutcome.UNKNOWN
         if principal not in (job.principal, job.on_behalf_of):
             return CancelOutcome.UNKNOWN  # someone else's id: nothing to say about it
         if job.payload_sha256 == TOMBSTONE:
             return CancelOutcome.PENDING
-        if self._store.cancel(request_id, principal=principal, result=cancelled_result(request_id)):
+        cancelled = cancelled_result(request_id, on_behalf_of=job.on_behalf_of)
+        if self._store.cancel(request_id, principal=principal, result=cancelled):
             return CancelOutcome.CANCELLED
         return CancelOutcome.TOO_LATE

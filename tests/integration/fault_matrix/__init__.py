@@ -16,6 +16,20 @@ proves it fails on broken books).
     8  poison input, fuzzed                        test_poison.py
     9  one request_id twice, two workers at once   test_concurrency.py
     10 quota race across two workers               test_concurrency.py
+    11 a burst of 50 for one principal, two workers test_broker_side.py
+    12 a duplicate arriving while its twin runs     test_broker_side.py
+    13 a retry three times over three delay queues  test_broker_side.py
+    14 refusals never speak for another request     test_tenants.py
+    15 a cancel cannot squat an id; cancels answered
+                                                   test_tenants.py
+    16 deeply nested JSON cannot wedge a queue      test_tenants.py
+    17 a request cannot squat an id (scoped keys)   test_tenants.py
+    18 a soak: two workers, six publishers, bursts, duplicates, cancels, junk
+                                                   test_soak.py
+       (and a GPU that hangs: test_gpu_hang.py)
+
+After each case the checker also looks at the wire: one result per request message,
+every delay-queue copy back once and on time, nothing left in the case's queues.
 
 Workers that are killed or signalled are real processes (fault_worker.py: the production
 worker with faults wrapped around its ports, in the test process only); the others run

@@ -277,16 +277,41 @@ class JobStore:
             return False  # started meanwhile
         return True
 
-    def forget_tombstone(self, request_id: str, tombstone: str, *, tombstone_of: str) -> bool:
-        """Delete the row a cancel left for an id nobody had used (`tombstone` is its
-        payload digest), if it is still `tombstone_of`'s; True if it was deleted."""
-        statement = delete(JOBS).where(
+    def move_tombstone(
+        self,
+        request_id: str,
+        tombstone: str,
+        *,
+        tombstone_of: str,
+        to_key: str,
+        result: Mapping[str, Any],
+    ) -> bool:
+        """Move the row a cancel left for an id nobody had used (`tombstone` is its
+        payload digest), if it is still `tombstone_of`'s, to that publisher's own key
+        `to_key`, in one transaction: the id is free for whoever uses it, and the
+        cancel still waits for its publisher's request. True if it was moved."""
+        remove = delete(JOBS).where(
             JOBS.c.request_id == request_id,
             JOBS.c.payload_sha256 == tombstone,
             JOBS.c.principal == tombstone_of,
             JOBS.c.status == JobStatus.CANCELLED.value,
         )
-        return run_write(self._engine, lambda c: c.execute(statement).rowcount == 1)
+        at = utcnow()
+        row = {
+            **_new_row(to_key, tombstone, tombstone_of, tombstone_of, "cancel", at),
+            "status": JobStatus.CANCELLED.value,
+            "reason": "CANCELLED",
+            "result": dict(result),
+            "finished_at": at,
+        }
+
+        def work(connection: Connection) -> bool:
+            if connection.execute(remove).rowcount != 1:
+                return False
+            connection.execute(_insert_new(connection.dialect.name), row)
+            return True
+
+        return run_write(self._engine, work)
 
     def insert_cancelled(
         self, request_id: str, tombstone: str, *, principal: str, result: Mapping[str, Any]

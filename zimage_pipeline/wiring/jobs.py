@@ -67,8 +67,9 @@ class LedgerJobs:
                         cancelled_on_arrival=True,
                     )
                 # Another publisher's cancel of an id it never used is not a claim on
-                # the id: forgotten, so ids cannot be squatted by cancelling them.
-                if self._store.forget_tombstone(request_id, TOMBSTONE, tombstone_of=job.principal):
+                # the id: it moves to that publisher's own key, so ids cannot be
+                # squatted by cancelling them and the cancel still waits for its request.
+                if self._move_tombstone(request_id, job.principal):
                     return self.begin(
                         request_id=request_id,
                         payload_sha256=payload_sha256,
@@ -82,6 +83,16 @@ class LedgerJobs:
         if begun.kind is ledger_jobs.BeginKind.TERMINAL:
             return JobBegin(BeginKind.TERMINAL, job.attempts, job.created_at, job.result)
         return JobBegin(BeginKind.NEW, job.attempts, job.created_at)
+
+    def _move_tombstone(self, request_id: str, tombstone_of: str) -> bool:
+        key = scoped_key(request_id, tombstone_of)
+        return self._store.move_tombstone(
+            request_id,
+            TOMBSTONE,
+            tombstone_of=tombstone_of,
+            to_key=key,
+            result=cancelled_result(key),
+        )
 
     def owner(self, request_id: str) -> str | None:
         job = self._store.get(request_id)
@@ -118,13 +129,11 @@ class LedgerJobs:
         request, when it comes from the same publisher, with `cancelled`. An id that
         holds another publisher's request means this publisher's own, keyed apart."""
         job = self._store.get(request_id)
-        if (
-            job is not None
-            and job.payload_sha256 != TOMBSTONE
-            and principal not in (job.principal, job.on_behalf_of)
-        ):
-            key = scoped_key(request_id, principal)
-            return CancelDecision(self._cancel_key(key, principal), key)
+        if job is not None and principal not in (job.principal, job.on_behalf_of):
+            if job.payload_sha256 != TOMBSTONE:
+                key = scoped_key(request_id, principal)
+                return CancelDecision(self._cancel_key(key, principal), key)
+            self._move_tombstone(request_id, job.principal)  # not a claim on the id
         return CancelDecision(self._cancel_key(request_id, principal), request_id)
 
     def _cancel_key(self, request_id: str, principal: str) -> CancelOutcome:

@@ -181,3 +181,31 @@ def ledger_status(url: str, key: str) -> str | None:
             return conn.scalar(select(Job.status).where(Job.request_id == key))
     finally:
         engine.dispose()
+
+
+async def test_two_publishers_cancelling_one_unused_id_each_cancel_their_own(
+    tiny_model: Path, postgres_url: str
+) -> None:
+    """15b. Bob and then alice cancel an id nobody used; each one's request under it,
+    whichever comes first, ends cancelled: neither cancel displaces the other."""
+    settings = matrix_settings(tiny_model, postgres_url)
+    rid = "cms:asset:9"
+    async with (
+        case_stack(settings) as (tap, _),
+        wired(settings) as wiring,
+        running_worker(settings, wiring.ports),
+        client(settings, "alice") as alice,
+        client(settings, "bob") as bob,
+    ):
+        for who in (bob, alice):
+            await who.cancel(rid)
+            assert (await who.next_cancel_answer())["outcome"] == "pending"
+        await alice.publish(request(rid))
+        hers = await alice.result_of(rid, wait_s=60)
+        await bob.publish(request(rid, on_behalf_of="bob"))
+        his = await bob.result_of(rid, wait_s=60)
+    for result, user in ((hers, "alice"), (his, "bob")):
+        assert (result["request_id"], result["status"]) == (rid, "cancelled"), result
+        assert result["on_behalf_of"] == user
+    world = assert_invariants(settings, tap, expected={rid, scoped_key(rid, "bob")})
+    assert world.jobs[rid].principal == "alice"

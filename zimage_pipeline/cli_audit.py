@@ -120,6 +120,13 @@ def query(
 def show(
     request_id: str,
     output: Annotated[str, typer.Option("--format", help="text | json")] = "text",
+    publisher: Annotated[
+        str | None,
+        typer.Option(
+            help="The AMQP account that published the request: request ids are per "
+            "publisher, and a second publisher's request under an id is kept apart."
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """One request's whole story: its index row and every event, in chain order."""
@@ -128,6 +135,8 @@ def show(
 
     engine = _engine(_settings(config))
     try:
+        if publisher is not None:
+            request_id = _ledger_key(engine, request_id, publisher)
         summary, events = request_story(engine, request_id)
     finally:
         engine.dispose()
@@ -136,6 +145,18 @@ def show(
         raise typer.Exit(EXIT_NOT_FOUND)
     for line in render_story(summary, events, output):
         typer.echo(line)
+
+
+def _ledger_key(engine: Engine, request_id: str, publisher: str) -> str:
+    """The key the ledger keeps `publisher`'s request `request_id` under (ids.scoped_key
+    when another publisher used the id first)."""
+    from zimage_pipeline.ids import scoped_key
+    from zimage_pipeline.ledger.jobs import JobStore
+
+    job = JobStore(engine).get(request_id)
+    if job is None or job.principal == publisher:
+        return request_id
+    return scoped_key(request_id, publisher)
 
 
 def verify(

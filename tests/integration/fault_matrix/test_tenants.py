@@ -20,6 +20,7 @@ from urllib.parse import quote
 import aio_pika
 import pytest
 from sqlalchemy import create_engine, select
+from typer.testing import CliRunner
 
 from tests.integration.fault_matrix.checker import assert_invariants
 from tests.integration.fault_matrix.stack import (
@@ -31,6 +32,7 @@ from tests.integration.fault_matrix.stack import (
 )
 from tests.integration.worker_harness import client, running_worker
 from zimage_pipeline.audit.queries import AuditFilter, query_requests
+from zimage_pipeline.cli import app
 from zimage_pipeline.ids import scoped_key
 from zimage_pipeline.ledger.models import AuditEventRow, Job
 
@@ -172,6 +174,14 @@ async def test_a_request_cannot_squat_an_id_each_publisher_has_its_own(
     assert all(quote(key, safe="") in image["key"] for image in mine["images"])
     world = assert_invariants(settings, tap, expected={rid, key})
     assert (world.jobs[rid].principal, world.jobs[key].principal) == ("bob", "alice")
+    # Compliance finds each publisher's request by the id they gave.
+    env = {"ZIMAGE_DATABASE__URL": postgres_url, "ZIMAGE_STORAGE__PREFIX": settings.storage.prefix}
+    for publisher, user in (("alice", "alice"), ("bob", "bob")):
+        shown = CliRunner().invoke(
+            app, ["audit", "show", rid, "--publisher", publisher, "--format", "json"], env=env
+        )
+        assert shown.exit_code == 0, shown.output
+        assert json.loads(shown.output)["request"]["user"] == user
 
 
 def ledger_status(url: str, key: str) -> str | None:

@@ -15,6 +15,8 @@ from typing import Any
 
 from PIL import Image
 
+from zimage_pipeline.audit.chain import EVENT_TYPES
+from zimage_pipeline.audit.errors import AuditError
 from zimage_pipeline.errors import DependencyUnavailable, RequestRejectedError
 from zimage_pipeline.messages import CancelOutcome, GenerationRequest, ImageFormat, Priority
 from zimage_pipeline.ports import (
@@ -322,6 +324,10 @@ class FakeAudit:
     def append(
         self, *, request_id: str, event_type: str, actor: str, payload: Mapping[str, Any]
     ) -> None:
+        # Held to the real chain's closed list: an event type the ledger would refuse
+        # must fail here too, not only against the real ledger.
+        if event_type not in EVENT_TYPES:
+            raise AuditError(f"unknown audit event type {event_type!r}")
         with self.lock:
             self.events.append((request_id, event_type))
 

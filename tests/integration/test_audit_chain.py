@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from zimage_pipeline.audit import (
+    EVENT_TYPES,
     AuditError,
     AuditFilter,
     AuditLog,
@@ -156,6 +157,18 @@ def test_append_joins_the_callers_transaction(engine: Engine) -> None:
 def test_unknown_event_type_is_refused(engine: Engine) -> None:
     with pytest.raises(AuditError):
         AuditLog(engine).append(request_id="r", event_type="deleted", actor="w", payload={})
+
+
+def test_every_event_type_the_worker_writes_is_accepted(engine: Engine) -> None:
+    """The service and its helpers name event types in code; the chain refuses any not
+    in EVENT_TYPES, so one missing there fails every request that writes it."""
+    from zimage_pipeline.junk_audit import SUMMARY_EVENT
+
+    log = AuditLog(engine)
+    written = sorted(EVENT_TYPES)
+    log.append_many([AuditRecord("types-1", t, "worker", {"n": 1}) for t in written])
+    log.append(request_id="types-2", event_type=SUMMARY_EVENT, actor="worker", payload={})
+    assert verify_chain(engine).ok
 
 
 def test_concurrent_writers_keep_one_chain(engine: Engine) -> None:

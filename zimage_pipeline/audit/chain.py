@@ -45,6 +45,7 @@ EVENT_TYPES = frozenset(
         "received",
         "authorized",
         "denied",
+        "denied_summary",  # junk_audit: one per publisher and window past its budget
         "quota_reserved",
         "quota_committed",
         "quota_released",

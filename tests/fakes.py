@@ -24,6 +24,7 @@ from zimage_pipeline.ports import (
     Authorization,
     BeginKind,
     CancelDecision,
+    EncodedDerived,
     EncodedImage,
     ImageSpec,
     JobBegin,
@@ -264,6 +265,28 @@ class FakeEncoder:
             buffer.getvalue(), ImageFormat.PNG, image.width, image.height, image.seed
         )
 
+    def mark_derived(
+        self,
+        derived: Any,
+        *,
+        source: EncodedImage,
+        request: GenerationRequest,
+        model: ModelIdentity,
+        created_at: datetime,
+        plugin: str,
+    ) -> EncodedDerived:
+        """The plugin's bytes as they are: the fake marks nothing."""
+        return EncodedDerived(
+            source_index=derived.source_index,
+            name=derived.name,
+            data=derived.data,
+            format=derived.format,
+            width=derived.width,
+            height=derived.height,
+            plugin=plugin,
+            details=dict(derived.details),
+        )
+
 
 class FakeStore:
     """`failures`: that many calls fail before storing anything (transient);
@@ -285,9 +308,8 @@ class FakeStore:
         images: Sequence[EncodedImage],
         audit_record: Mapping[str, Any],
         first_attempt: bool = False,
+        derived: Sequence[EncodedDerived] = (),
     ) -> StoredOutputs:
-        import hashlib
-
         with self.lock:
             if self.failures:
                 self.failures -= 1
@@ -296,15 +318,24 @@ class FakeStore:
             for index, image in enumerate(images):
                 if index == self.lost_after:
                     raise StorageFailedError("object store lost mid-request (fake)")
-                key = f"t/{request.request_id}/{index}.png"
-                self.objects[key] = image.data
-                refs.append(
-                    StoredObjectRef(
-                        "fake", key, None, hashlib.sha256(image.data).hexdigest(), len(image.data)
-                    )
+                refs.append(self._put(f"t/{request.request_id}/{index}.png", image.data))
+            extensions = {"jpeg": "jpg"}
+            derived_refs = [
+                self._put(
+                    f"t/{request.request_id}/{d.source_index}/{d.name}."
+                    f"{extensions.get(d.format, d.format)}",
+                    d.data,
                 )
+                for d in derived
+            ]
             self.objects[f"t/{request.request_id}/audit.json"] = b"{}"
-            return StoredOutputs(refs, f"t/{request.request_id}/audit.json")
+            return StoredOutputs(refs, f"t/{request.request_id}/audit.json", derived_refs)
+
+    def _put(self, key: str, data: bytes) -> StoredObjectRef:
+        import hashlib
+
+        self.objects[key] = data
+        return StoredObjectRef("fake", key, None, hashlib.sha256(data).hexdigest(), len(data))
 
     def discard(self, *, request_id: str, created_at: datetime) -> list[str]:
         with self.lock:

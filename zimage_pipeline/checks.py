@@ -233,6 +233,35 @@ def check_provenance(settings: Settings) -> CheckResult:
     return CheckResult("provenance", True, f"{what}, trusted by {anchors_file}")
 
 
+def check_plugins(settings: Settings) -> CheckResult:
+    """Load every enabled plugin as the worker does; the first that cannot load fails
+    the check by name. Values of secret-looking settings are redacted from the text."""
+    from zimage_pipeline.plugins.registry import is_enabled, load_enabled
+
+    tables = settings.plugins.tables()
+    secrets = [
+        value if isinstance(value, SecretStr) else SecretStr(str(value))
+        for table in tables.values()
+        for key, value in table.items()
+        if isinstance(value, str | SecretStr) and _looks_secret(key)
+    ]
+    try:
+        loaded = load_enabled(tables)
+    except ZImageError as exc:
+        return CheckResult("plugins", False, redact(str(exc), secrets))
+    disabled = sorted(name for name, table in tables.items() if not is_enabled(table))
+    detail = ", ".join(loaded.names) + " loaded" if loaded.names else "none enabled"
+    if disabled:
+        detail += f" (configured but not enabled: {', '.join(disabled)})"
+    return CheckResult("plugins", True, detail)
+
+
+def _looks_secret(key: str) -> bool:
+    from zimage_pipeline.plugins.registry import is_secret_key
+
+    return is_secret_key(key)
+
+
 ALL_CHECKS: tuple[Callable[[Settings], CheckResult], ...] = (
     check_broker,
     check_database,
@@ -240,6 +269,7 @@ ALL_CHECKS: tuple[Callable[[Settings], CheckResult], ...] = (
     check_object_store,
     check_model,
     check_provenance,
+    check_plugins,
 )
 
 

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from zimage_pipeline.cli_audit import register as _register_audit_commands
+from zimage_pipeline.cli_plugins import register as _register_plugin_commands
 from zimage_pipeline.cli_quota import register as _register_quota_commands
 from zimage_pipeline.engine.tiny import DEFAULT_SEED as TINY_MODEL_SEED
 from zimage_pipeline.errors import ConfigError
@@ -23,11 +24,13 @@ quota_app = typer.Typer(help="Quotas: show, set and grant.", no_args_is_help=Tru
 users_app = typer.Typer(help="Users as the worker sees them.", no_args_is_help=True)
 audit_app = typer.Typer(help="Compliance queries over the audit trail.", no_args_is_help=True)
 model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
+plugins_app = typer.Typer(help="Plugins: installed, enabled, settings.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(quota_app, name="quota")
 app.add_typer(users_app, name="users")
 app.add_typer(audit_app, name="audit")
 app.add_typer(model_app, name="model")
+app.add_typer(plugins_app, name="plugins")
 
 ConfigOption = Annotated[
     Path | None,
@@ -184,6 +187,7 @@ _register_quota_commands(quota_app, users_app, _settings)
 
 
 _register_audit_commands(audit_app, app)
+_register_plugin_commands(plugins_app, _settings)
 
 
 @model_app.command("make-tiny")

@@ -129,21 +129,24 @@ def show(
     ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """One request's whole story: its index row and every event, in chain order."""
+    """One request's whole story: its index row and every event, in chain order, then
+    its result-sink deliveries (webhooks: state, attempts, last error)."""
     from zimage_pipeline.audit import request_story
     from zimage_pipeline.audit.render import render_story
+    from zimage_pipeline.ledger.outbox import SinkOutbox
 
     engine = _engine(_settings(config))
     try:
         if publisher is not None:
             request_id = _ledger_key(engine, request_id, publisher)
         summary, events = request_story(engine, request_id)
+        deliveries = SinkOutbox(engine).deliveries(request_id)
     finally:
         engine.dispose()
-    if summary is None and not events:
+    if summary is None and not events and not deliveries:
         typer.echo(f"no audit events for {request_id}", err=True)
         raise typer.Exit(EXIT_NOT_FOUND)
-    for line in render_story(summary, events, output):
+    for line in render_story(summary, events, output, deliveries):
         typer.echo(line)
 
 

@@ -31,6 +31,10 @@ class ZImageError(Exception):
     # are for operators (the log, the audit trail), never a client's (`client_facing`).
     internal: bool = False
 
+    def audit_details(self) -> dict[str, str]:
+        """What the request's ending audit event records besides reason and message."""
+        return {}
+
 
 class InternalStateError(ZImageError):
     """The ledger's state contradicts what the code expected (a job transition the state
@@ -106,3 +110,35 @@ class GenerationTimeoutError(ZImageError):
 
     disposition = Disposition.FATAL
     reason = "GENERATION_TIMEOUT"
+
+
+class PromptRefusedError(RequestRejectedError):
+    """A prompt filter plugin refused the prompt. The result names the rule, never the
+    rule list; the audit event names the rule and the plugin."""
+
+    reason = "PROMPT_REFUSED"
+
+    def __init__(self, message: str, *, plugin: str, rule_id: str) -> None:
+        super().__init__(f"{message} (rule {rule_id!r})")
+        self.plugin = plugin
+        self.rule_id = rule_id
+
+    def audit_details(self) -> dict[str, str]:
+        return {"plugin": self.plugin, "rule_id": self.rule_id}
+
+
+class PluginFailedError(ZImageError):
+    """A plugin raised, returned something unusable, or ran past the stage's time limit.
+    The request ends failed, naming the plugin; its own error is for operators."""
+
+    disposition = Disposition.FAIL
+    reason = "PLUGIN_FAILED"
+
+    def __init__(self, plugin: str, stage: str, cause: str) -> None:
+        super().__init__(f"PLUGIN_FAILED: {plugin} (the {stage} plugin failed)")
+        self.plugin = plugin
+        self.stage = stage
+        self.cause = cause
+
+    def audit_details(self) -> dict[str, str]:
+        return {"plugin": self.plugin, "stage": self.stage, "cause": self.cause}

@@ -94,6 +94,19 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+MAX_RENDITIONS = 16
+RenditionName = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+]
+
+
+class FocalPoint(_Message):
+    """A point of the image as fractions of its width (x) and height (y), from top left."""
+
+    x: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
+    y: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
+
+
 class GenerationRequest(_Message):
     """A client's request for images. `request_id` is its idempotency key."""
 
@@ -113,6 +126,12 @@ class GenerationRequest(_Message):
     priority: Priority = Priority.STANDARD
     expires_at: AwareDatetime | None = None
     labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=MAX_LABELS)
+    # Added in v1 without a new schema: optional, and absent means what it meant before
+    # (docs/architecture.md, "How the contract evolves"). Names of rendition presets the
+    # renditions plugin is configured with, on top of the ones it makes for everyone.
+    renditions: list[RenditionName] = Field(default_factory=list, max_length=MAX_RENDITIONS)
+    # Where crops keep their centre, as fractions of width and height (default: middle).
+    focal_point: FocalPoint | None = None
 
     model_config = ConfigDict(
         extra="forbid",
@@ -156,6 +175,24 @@ class CancelRequest(_Message):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
 
 
+class StoredRendition(BaseModel):
+    """An image a post-processor derived from a generated one, stored beside it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    bucket: str
+    key: str
+    version_id: str | None = None
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    bytes: int = Field(ge=0)
+    width: int
+    height: int
+    format: str  # png | webp | jpeg | avif
+    plugin: str  # the post-processor that made it
+    url: str | None = None
+
+
 class StoredImage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -169,6 +206,7 @@ class StoredImage(BaseModel):
     format: ImageFormat
     seed: int
     url: str | None = None
+    renditions: list[StoredRendition] = Field(default_factory=list)
 
 
 class ModelInfo(BaseModel):

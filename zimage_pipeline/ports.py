@@ -9,7 +9,7 @@ thread for the engine, a small pool for the rest), so no adapter can block the l
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
@@ -107,6 +107,7 @@ class Authorization:
     roles_snapshot: Mapping[str, Any]
     quota_subjects: Any = None  # opaque to the core: passed back to Quota.reserve
     groups: tuple[str, ...] = ()  # the subject's group DNs (nested resolved), for audit
+    roles: tuple[str, ...] = ()  # the subject's role names under the policy
 
 
 class Authorizer(Protocol):
@@ -178,6 +179,21 @@ class EncodedImage:
     seed: int
 
 
+@dataclass(frozen=True, slots=True)
+class EncodedDerived:
+    """A post-processor's image (plugins.api.DerivedImage), marked with provenance that
+    names its source as ingredient: ready to store under `{index}/{name}.{ext}`."""
+
+    source_index: int
+    name: str
+    data: bytes
+    format: str  # png | webp | jpeg | avif
+    width: int
+    height: int
+    plugin: str  # the post-processor's name, as configured
+    details: Mapping[str, Any]
+
+
 class Encoder(Protocol):
     def encode(
         self,
@@ -188,6 +204,20 @@ class Encoder(Protocol):
         created_at: datetime,
     ) -> EncodedImage:
         """Encode to the requested format and embed provenance (XMP/IPTC, C2PA)."""
+        ...
+
+    def mark_derived(
+        self,
+        derived: Any,  # plugins.api.DerivedImage (unmarked bytes from a post-processor)
+        *,
+        source: EncodedImage,
+        request: GenerationRequest,
+        model: ModelIdentity,
+        created_at: datetime,
+        plugin: str,
+    ) -> EncodedDerived:
+        """Embed the same provenance as `source` has (XMP/IPTC, C2PA when signing is
+        configured), with `source` as the C2PA ingredient the derived image comes from."""
         ...
 
 
@@ -205,6 +235,8 @@ class StoredObjectRef:
 class StoredOutputs:
     images: list[StoredObjectRef]
     audit_record_key: str
+    # One per `derived` image given to `Store.store`, in the same order.
+    derived: list[StoredObjectRef] = field(default_factory=list)
 
 
 class Store(Protocol):
@@ -216,8 +248,10 @@ class Store(Protocol):
         images: Sequence[EncodedImage],
         audit_record: Mapping[str, Any],
         first_attempt: bool = False,
+        derived: Sequence[EncodedDerived] = (),
     ) -> StoredOutputs:
-        """Upload the images and the audit record naming them, checksummed, never
+        """Upload the images, the images derived from them (each under its source's
+        `{index}/{name}.{ext}`) and the audit record naming them all, checksummed, never
         overwriting other content; identical content already there counts as success.
         `first_attempt`: no earlier attempt of the request can have stored anything, so
         the record may be uploaded beside the images instead of after them."""
@@ -329,4 +363,14 @@ class Ledger(Protocol):
         cannot even be built): dequeue it and record why (`cause`, a reason code, and
         `message`) as an `outputs_discard_abandoned` audit event, in one transaction.
         False (and nothing written) as for `outputs_discarded`."""
+        ...
+
+
+class ResultOutbox(Protocol):
+    """The durable hand-off to the result sinks (plugins): a row per sink and result in
+    the ledger, delivered (retried, or marked dead) by the outbox dispatcher."""
+
+    def enqueue_result(self, request_key: str, event: Mapping[str, Any]) -> list[str]:
+        """Queue `event` for every configured sink, once per (sink, request) however
+        often it is called; the delivery ids."""
         ...

@@ -23,6 +23,7 @@ class Reason(StrEnum):
     NOT_AUTHORIZED = "NOT_AUTHORIZED"
     POLICY_VIOLATION = "POLICY_VIOLATION"
     QUOTA_EXCEEDED = "QUOTA_EXCEEDED"
+    PROMPT_REFUSED = "PROMPT_REFUSED"
     EXPIRED = "EXPIRED"
     CANCELLED = "CANCELLED"
     INVALID_GENERATION_PARAMETERS = "INVALID_GENERATION_PARAMETERS"
@@ -35,6 +36,7 @@ class Reason(StrEnum):
     LEDGER_UNAVAILABLE = "LEDGER_UNAVAILABLE"
     DEPENDENCY_UNAVAILABLE = "DEPENDENCY_UNAVAILABLE"
     ATTEMPTS_EXHAUSTED = "ATTEMPTS_EXHAUSTED"
+    PLUGIN_FAILED = "PLUGIN_FAILED"
     INTERNAL_ERROR = "INTERNAL_ERROR"
 
 
@@ -65,6 +67,11 @@ DESCRIPTIONS: dict[Reason, tuple[str, bool, str]] = {
     Reason.NOT_AUTHORIZED: ("rejected", False, "no role allows generating, or this priority"),
     Reason.POLICY_VIOLATION: ("rejected", False, "over a role limit: size, steps, images, format"),
     Reason.QUOTA_EXCEEDED: ("rejected", False, "the user's or a team's budget is spent"),
+    Reason.PROMPT_REFUSED: (
+        "rejected",
+        False,
+        "a prompt filter refused the prompt; the message names the rule; nothing charged",
+    ),
     Reason.EXPIRED: ("expired", False, "`expires_at` passed before it ran; nothing charged"),
     Reason.CANCELLED: ("cancelled", False, "cancelled before it started; nothing charged"),
     Reason.INVALID_GENERATION_PARAMETERS: (
@@ -88,6 +95,11 @@ DESCRIPTIONS: dict[Reason, tuple[str, bool, str]] = {
         "failed",
         True,
         "started more than `max_job_attempts` times (it kills workers); not run again",
+    ),
+    Reason.PLUGIN_FAILED: (
+        "failed",
+        False,
+        "a plugin raised or timed out; the message names it; nothing charged",
     ),
     Reason.INTERNAL_ERROR: (
         "failed",

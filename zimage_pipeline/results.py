@@ -22,9 +22,11 @@ from zimage_pipeline.messages import (
     QuotaRemaining,
     Status,
     StoredImage,
+    StoredRendition,
 )
 from zimage_pipeline.ports import (
     Authorization,
+    EncodedDerived,
     EncodedImage,
     ImageSpec,
     ModelIdentity,
@@ -58,7 +60,9 @@ def succeeded_result(
     left: QuotaLeft,
     timings: dict[str, float],
     finished_at: datetime,
+    derived: Sequence[EncodedDerived] = (),
 ) -> GenerationResult:
+    renditions = _renditions_by_source(outputs, derived)
     return GenerationResult(
         request_id=request.request_id,
         status=Status.SUCCEEDED,
@@ -75,8 +79,9 @@ def succeeded_result(
                 format=image.format,
                 seed=image.seed,
                 url=ref.url,
+                renditions=renditions.get(index, []),
             )
-            for ref, image in zip(outputs.images, encoded, strict=True)
+            for index, (ref, image) in enumerate(zip(outputs.images, encoded, strict=True))
         ],
         audit_record_key=outputs.audit_record_key,
         timings_s=dict(timings),
@@ -87,6 +92,30 @@ def succeeded_result(
         labels=dict(request.labels),
         finished_at=finished_at,
     )
+
+
+def _renditions_by_source(
+    outputs: StoredOutputs, derived: Sequence[EncodedDerived]
+) -> dict[int, list[StoredRendition]]:
+    """The stored derived images, listed under the image each was made from."""
+    by_source: dict[int, list[StoredRendition]] = {}
+    for ref, image in zip(outputs.derived, derived, strict=True):
+        by_source.setdefault(image.source_index, []).append(
+            StoredRendition(
+                name=image.name,
+                bucket=ref.bucket,
+                key=ref.key,
+                version_id=ref.version_id,
+                sha256=ref.sha256,
+                bytes=ref.size,
+                width=image.width,
+                height=image.height,
+                format=image.format,
+                plugin=image.plugin,
+                url=ref.url,
+            )
+        )
+    return by_source
 
 
 MAX_SEED = 2**63 - 1
@@ -131,11 +160,27 @@ def generated_payload(
     }
 
 
-def stored_payload(outputs: StoredOutputs) -> dict[str, Any]:
-    return {
+def stored_payload(
+    outputs: StoredOutputs, derived: Sequence[EncodedDerived] = ()
+) -> dict[str, Any]:
+    payload: dict[str, Any] = {
         "objects": [{"key": o.key, "sha256": o.sha256, "bytes": o.size} for o in outputs.images],
         "audit_record_key": outputs.audit_record_key,
     }
+    if derived:
+        payload["renditions"] = [
+            {
+                "key": ref.key,
+                "sha256": ref.sha256,
+                "bytes": ref.size,
+                "source_index": image.source_index,
+                "name": image.name,
+                "plugin": image.plugin,
+                "details": dict(image.details),
+            }
+            for ref, image in zip(outputs.derived, derived, strict=True)
+        ]
+    return payload
 
 
 def audit_record_of(

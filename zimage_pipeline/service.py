@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
@@ -33,6 +34,8 @@ from zimage_pipeline.errors import (
     InternalStateError,
     InvalidRequestError,
     JobBusyError,
+    PluginFailedError,
+    PromptRefusedError,
     RequestRejectedError,
     ZImageError,
 )
@@ -50,20 +53,26 @@ from zimage_pipeline.messages import (
     Priority,
     Status,
 )
+from zimage_pipeline.plugins.api import DerivedImage, PromptSubject, SourceImage
+from zimage_pipeline.plugins.registry import LoadedPlugins
 from zimage_pipeline.ports import (
     Audit,
     AuditRecord,
     Authorization,
     Authorizer,
     BeginKind,
+    EncodedDerived,
+    EncodedImage,
     Encoder,
     Engine,
     ImageSpec,
     Jobs,
     Ledger,
+    ModelIdentity,
     NewJob,
     QuotaLeft,
     RawImage,
+    ResultOutbox,
     Store,
 )
 from zimage_pipeline.results import (
@@ -106,6 +115,10 @@ class Ports:
     encoder: Encoder
     store: Store
     audit: Audit
+    # The enabled plugins (plugins/registry.py); none by default.
+    plugins: LoadedPlugins = field(default_factory=LoadedPlugins)
+    # Where results go for the result-sink plugins; None when none is enabled.
+    outbox: ResultOutbox | None = None
 
 
 @dataclass(slots=True)
@@ -118,6 +131,8 @@ class ServiceConfig:
     # A request started more often than this (retries, takeovers after crashes) ends
     # failed ATTEMPTS_EXHAUSTED without running again (0: no limit).
     max_job_attempts: int = 0
+    # A plugin call running longer than this ends its request PLUGIN_FAILED.
+    plugin_timeout_s: float = 60.0
 
 
 @dataclass(slots=True)
@@ -157,15 +172,27 @@ class _Authorized:
 
     outcome: Authorization | ZImageError
     seconds: float
+    # The admission checks' verdict on an authorized request (role limits, what the
+    # plugins accept: its renditions, its prompt): the error it ends with, or None.
+    refusal: ZImageError | None = None
 
     def get(self) -> Authorization:
         if isinstance(self.outcome, ZImageError):
             raise self.outcome
         return self.outcome
 
+    def admitted(self) -> Authorization:
+        """The authorization of a request the admission checks let through, else the
+        error that is its outcome (the directory's first, then the checks')."""
+        auth = self.get()
+        if self.refusal is not None:
+            raise self.refusal
+        return auth
+
 
 def _ending_payload(request: GenerationRequest, error: ZImageError, reason: str) -> dict[str, Any]:
     payload = {"user": request.on_behalf_of, "reason": reason, "message": str(error)}
+    payload.update(error.audit_details())
     if reason != error.reason:
         payload["internal_reason"] = error.reason
     return payload
@@ -289,7 +316,7 @@ class RequestService:
         self, request: GenerationRequest, principal: str, body: bytes
     ) -> Outcome:
         digest = payload_digest(request)
-        authorized = await self._authorize(request, principal)
+        authorized = await self._screen(request, await self._authorize(request, principal))
         admitted = await self._admit_first_delivery(request, principal, digest, authorized)
         if admitted is not None:
             job, auth = admitted
@@ -305,6 +332,47 @@ class RequestService:
         except ZImageError as exc:
             outcome = exc
         return _Authorized(outcome, round(time.perf_counter() - started, 6))
+
+    async def _screen(self, request: GenerationRequest, authorized: _Authorized) -> _Authorized:
+        """The admission checks of an authorized request, made once per delivery before
+        the ledger is touched: its role limits, then what each plugin must accept (a
+        post-processor's request options, a prompt filter's verdict). A refusal is
+        recorded as the request's outcome; nothing is reserved for it."""
+        if isinstance(authorized.outcome, ZImageError):
+            return authorized
+        auth = authorized.outcome
+        try:
+            check_limits(request, auth)
+            for name, processor in self._p.plugins.postprocessors:
+                validate = getattr(processor, "validate_request", None)
+                if validate is not None:
+                    await self._plugin_call(name, "postprocessor", validate, request)
+            who = PromptSubject(auth.subject, auth.principal, auth.roles)
+            for name, prompt_filter in self._p.plugins.prompt_filters:
+                refusal = await self._plugin_call(
+                    name, "prompt_filter", prompt_filter.check, request, who
+                )
+                if refusal is not None:
+                    raise PromptRefusedError(refusal.message, plugin=name, rule_id=refusal.rule_id)
+        except ZImageError as exc:
+            return replace(authorized, refusal=exc)
+        return authorized
+
+    async def _plugin_call(self, name: str, stage: str, fn: Callable[..., T], /, *args: Any) -> T:
+        """A plugin's call on the I/O pool within the stage's time limit. Its refusal of
+        the request (RequestRejectedError) stands; anything else it raises, or running
+        past the limit, is PLUGIN_FAILED naming it. A call past its limit cannot be
+        stopped (a thread): its result is ignored."""
+        try:
+            return await asyncio.wait_for(self._io(fn, *args), self._config.plugin_timeout_s)
+        except RequestRejectedError:
+            raise
+        except TimeoutError:
+            cause = f"timed out after {self._config.plugin_timeout_s:g}s"
+        except Exception as exc:  # a plugin's failure is the request's, never the worker's
+            cause = f"{type(exc).__name__}: {exc}"[:500]
+        log.warning("plugin %s (%s) failed: %s", name, stage, cause)
+        raise PluginFailedError(name, stage, cause)
 
     async def _begin_and_serve(
         self,
@@ -429,8 +497,7 @@ class RequestService:
         )
         job.timings["authorize"] = authorized.seconds
         try:
-            auth = authorized.get()
-            check_limits(request, auth)
+            auth = authorized.admitted()
             self._check_not_expired(job)
         except ZImageError:
             return None
@@ -607,6 +674,22 @@ class RequestService:
             payload={"status": result.status.value, "reason": result.reason},
         )
 
+    async def hand_to_sinks(
+        self, result: GenerationResult, *, ledger_key: str | None = None
+    ) -> bool:
+        """Queue a published result for the result sinks (webhooks). Called after the
+        broker confirmed it and before the delivery is acked: if the ledger cannot take
+        it, this raises and the delivery is requeued, so no result misses its sinks
+        (the republish enqueues nothing twice). A result that is no request's (request_id
+        "") has no ledger key to deliver under and goes to the AMQP results only.
+        True when something was queued (the dispatcher may run now)."""
+        if self._p.outbox is None or not result.request_id:
+            return False
+        # The event exactly as published on AMQP (to_json_bytes), so a receiver sees one shape.
+        event = json.loads(result.to_json_bytes())
+        await self._io(self._p.outbox.enqueue_result, ledger_key or result.request_id, event)
+        return True
+
     async def release_after_retries(
         self, body: bytes, *, principal: str, error: ZImageError
     ) -> Outcome:
@@ -722,8 +805,7 @@ class RequestService:
         request = job.request
         self._check_not_expired(job)
         job.timings["authorize"] = authorized.seconds
-        auth = authorized.get()
-        check_limits(request, auth)
+        auth = authorized.admitted()
         self._audit(job, "authorized", authorized_payload(auth))
         self._check_not_expired(job)
         # One transaction: reserved, running and its audit trail so far, or nothing (a
@@ -766,6 +848,9 @@ class RequestService:
                 )
             ),
         )
+        derived = await self._timed(
+            job, "postprocess", self._postprocess(job, raw_images, encoded, model)
+        )
         audit_record = audit_record_of(
             request,
             payload_sha256=job.payload_sha256,
@@ -787,9 +872,12 @@ class RequestService:
                 images=encoded,
                 audit_record=audit_record,
                 first_attempt=job.attempt == 1,
+                # Only when there are any: a Store written before renditions existed
+                # keeps working while no post-processor is enabled.
+                **({"derived": derived} if derived else {}),
             ),
         )
-        self._audit(job, "stored", stored_payload(outputs))
+        self._audit(job, "stored", stored_payload(outputs, derived))
         self._audit(job, "quota_committed", {"images": len(encoded)})
         completing = time.perf_counter()
         published: list[GenerationResult] = []
@@ -806,6 +894,7 @@ class RequestService:
                 left=left,
                 timings=job.timings,
                 finished_at=self._clock(),
+                derived=derived,
             )
             published[:] = [result]
             return result.model_dump(mode="json", by_alias=True)
@@ -821,6 +910,58 @@ class RequestService:
         job.pending_audit = []
         return published[-1]
 
+    async def _postprocess(
+        self,
+        job: _Job,
+        raw_images: list[RawImage],
+        encoded: list[EncodedImage],
+        model: ModelIdentity,
+    ) -> list[EncodedDerived]:
+        """Each post-processor's images (on the I/O pool, off the GPU thread), marked with
+        the provenance of the image they come from."""
+        if not self._p.plugins.postprocessors:
+            return []
+        request = job.request
+        sources = [
+            SourceImage(
+                index=index,
+                pixels=raw.pixels,
+                data=image.data,
+                format=image.format.value,
+                width=image.width,
+                height=image.height,
+                seed=image.seed,
+                sha256=hashlib.sha256(image.data).hexdigest(),
+            )
+            for index, (raw, image) in enumerate(zip(raw_images, encoded, strict=True))
+        ]
+        marked: list[EncodedDerived] = []
+        for name, processor in self._p.plugins.postprocessors:
+            made = await self._plugin_call(
+                name, "postprocessor", processor.process, request, sources
+            )
+            checked = _checked_derived(name, made, len(sources))
+            marked += await asyncio.gather(
+                *(
+                    self._io(
+                        self._p.encoder.mark_derived,
+                        image,
+                        source=encoded[image.source_index],
+                        request=request,
+                        model=model,
+                        created_at=job.created_at,
+                        plugin=name,
+                    )
+                    for image in checked
+                )
+            )
+        self._audit(
+            job,
+            "postprocessed",
+            {"renditions": [[d.plugin, d.source_index, d.name, d.format] for d in marked]},
+        )
+        return marked
+
     async def cancel(self, request_id: str, *, principal: str) -> CancelOutcome:
         decision = await self._io(self._p.jobs.cancel, request_id, principal=principal)
         if decision.outcome is CancelOutcome.CANCELLED:
@@ -834,3 +975,32 @@ class RequestService:
                 payload={"user": principal, "reason": "CANCELLED"},
             )
         return decision.outcome
+
+
+_DERIVED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DERIVED_FORMATS = frozenset({"png", "webp", "jpeg", "avif"})
+
+
+def _checked_derived(plugin: str, made: object, sources: int) -> list[DerivedImage]:
+    """A post-processor's output, refused as PLUGIN_FAILED unless every item is a
+    DerivedImage of a real source, with a name that can be a key segment (unique per
+    source) and a known format: nothing a plugin returns reaches a key unchecked."""
+    if not isinstance(made, list) or not all(isinstance(d, DerivedImage) for d in made):
+        raise PluginFailedError(
+            plugin, "postprocessor", "process() did not return a list of DerivedImage"
+        )
+    seen: set[tuple[int, str]] = set()
+    for image in made:
+        problem = None
+        if not 0 <= image.source_index < sources:
+            problem = f"source_index {image.source_index} out of range"
+        elif ".." in image.name or not _DERIVED_NAME.fullmatch(image.name):
+            problem = f"name {image.name!r:.80} is not a key segment"
+        elif image.format not in DERIVED_FORMATS:
+            problem = f"format {image.format!r:.20} is not one of {sorted(DERIVED_FORMATS)}"
+        elif (image.source_index, image.name) in seen:
+            problem = f"two images named {image.name!r} for image {image.source_index}"
+        if problem is not None:
+            raise PluginFailedError(plugin, "postprocessor", problem)
+        seen.add((image.source_index, image.name))
+    return made

@@ -427,6 +427,33 @@ class LoggingSettings(_Section):
     log_prompts: bool = False
 
 
+class PluginsSettings(BaseModel):
+    """`[plugins]`: the stage limits, then one table per plugin, `[plugins.<name>]`,
+    handed to that plugin alone (plugins/registry.py). A plugin runs only when its table
+    says `enabled = true`; an installed plugin without one does nothing."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    # A plugin call running longer than this ends its request PLUGIN_FAILED.
+    stage_timeout_s: float = Field(default=60.0, gt=0)
+    # How often the outbox of the result sinks is polled for due deliveries.
+    sink_poll_s: float = Field(default=5.0, gt=0)
+    # Delivered and dead outbox rows are deleted this long after they ended (what was
+    # delivered stays in the audit trail; `audit show` lists deliveries until then).
+    sink_retention_days: int = Field(default=30, ge=1)
+
+    @model_validator(mode="after")
+    def _tables_only(self) -> Self:
+        for name, value in (self.model_extra or {}).items():
+            if not isinstance(value, dict):
+                raise ValueError(f"plugins.{name} must be a table ([plugins.{name}])")
+        return self
+
+    def tables(self) -> dict[str, dict[str, Any]]:
+        """Each plugin's table, by plugin name, in the configuration's order."""
+        return {name: dict(value) for name, value in (self.model_extra or {}).items()}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="ZIMAGE_",
@@ -446,6 +473,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     client: ClientSettings = ClientSettings()
     logging: LoggingSettings = LoggingSettings()
+    plugins: PluginsSettings = PluginsSettings()
 
     @classmethod
     def settings_customise_sources(

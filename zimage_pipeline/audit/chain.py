@@ -50,6 +50,7 @@ EVENT_TYPES = frozenset(
         "quota_committed",
         "quota_released",
         "generated",
+        "postprocessed",  # the post-processor plugins' derived images (renditions)
         "stored",
         "published",
         "failed",

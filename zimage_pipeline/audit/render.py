@@ -12,6 +12,7 @@ from zimage_pipeline.audit.chain import AuditEvent, format_time
 
 if TYPE_CHECKING:
     from zimage_pipeline.audit.queries import RequestSummary
+    from zimage_pipeline.ledger.outbox import DeliveryRow
     from zimage_pipeline.provenance import ProvenanceReport
 
 COLUMNS = ("first_at", "request_id", "user", "status", "reason", "model", "events", "labels")
@@ -69,12 +70,17 @@ def _table(rows: Sequence[list[str]]) -> Iterator[str]:
 
 
 def render_story(
-    summary: RequestSummary | None, events: Sequence[AuditEvent], output: str
+    summary: RequestSummary | None,
+    events: Sequence[AuditEvent],
+    output: str,
+    deliveries: Sequence[DeliveryRow] = (),
 ) -> Iterator[str]:
+    """`deliveries`: the request's result-sink deliveries (webhooks), after its events."""
     if output == "json":
         document = {
             "request": summary.to_dict() if summary else None,
             "events": [_event_dict(e) for e in events],
+            "deliveries": [_delivery_dict(d) for d in deliveries],
         }
         yield json.dumps(document, indent=2, ensure_ascii=False, sort_keys=True)
         return
@@ -94,6 +100,35 @@ def render_story(
         yield f"#{event.seq} {format_time(event.at)} {event.event_type:<16} {event.actor}"
         yield f"    {payload}"
         yield f"    hash {event.event_hash[:16]}… prev {event.prev_hash[:16]}…"
+    yield from _deliveries(deliveries)
+
+
+def _deliveries(deliveries: Sequence[DeliveryRow]) -> Iterator[str]:
+    if not deliveries:
+        return
+    yield f"sink deliveries ({len(deliveries)}):"
+    for delivery in deliveries:
+        when = delivery.finished_at or delivery.next_attempt_at
+        label = "at" if delivery.finished_at else "next"
+        yield (
+            f"  {delivery.sink:<12} {delivery.delivery_id}  {delivery.state.value:<9} "
+            f"attempts {delivery.attempts}  {label} {format_time(when)}"
+        )
+        if delivery.last_error:
+            yield f"    last error: {delivery.last_error}"
+
+
+def _delivery_dict(delivery: DeliveryRow) -> dict[str, object]:
+    return {
+        "sink": delivery.sink,
+        "delivery_id": delivery.delivery_id,
+        "state": delivery.state.value,
+        "attempts": delivery.attempts,
+        "last_error": delivery.last_error,
+        "next_attempt_at": format_time(delivery.next_attempt_at),
+        "created_at": format_time(delivery.created_at),
+        "finished_at": format_time(delivery.finished_at) if delivery.finished_at else None,
+    }
 
 
 def _event_dict(event: AuditEvent) -> dict[str, object]:

@@ -6,21 +6,28 @@ Every image gets an XMP packet with the IPTC digital source type
 `provenance.c2pa_enabled`, a C2PA manifest (`c2pa.created`, same source type) is signed
 over the marked file, so the XMP is covered by the C2PA hard binding too.
 
-The worker calls `mark_image` off the GPU thread; `read_provenance` backs
-`zimage-pipeline provenance show FILE`.
+An image derived from a generated one (a rendition: another size, crop or format) gets
+the same XMP fields plus a reference to its source's SHA-256 (`mark_derived`), and its
+C2PA manifest has the source as parent ingredient, the source's own manifest included.
+
+The worker calls `mark_image` and `mark_derived` off the GPU thread; `read_provenance`
+backs `zimage-pipeline provenance show FILE`.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from zimage_pipeline.provenance import c2pa_manifest
 from zimage_pipeline.provenance.c2pa_manifest import (
     C2paReport,
     C2paSigningConfig,
+    Parent,
     load_signing_config,
 )
 from zimage_pipeline.provenance.containers import detect_format, embed_xmp, extract_xmp
@@ -28,16 +35,20 @@ from zimage_pipeline.provenance.errors import ProvenanceError
 from zimage_pipeline.provenance.xmp import TRAINED_ALGORITHMIC_MEDIA, build_packet, parse_packet
 
 ImageFormat = Literal["png", "webp", "jpeg"]
+DerivedFormat = Literal["png", "webp", "jpeg", "avif"]
 
 __all__ = [
     "TRAINED_ALGORITHMIC_MEDIA",
     "C2paReport",
     "C2paSigningConfig",
+    "DerivedFormat",
     "ImageFormat",
     "ProvenanceError",
     "ProvenanceInfo",
     "ProvenanceReport",
+    "edit_actions",
     "load_signing_config",
+    "mark_derived",
     "mark_image",
     "read_provenance",
 ]
@@ -123,6 +134,83 @@ def mark_image(
         },
         config=c2pa,
     )
+
+
+def mark_derived(
+    data: bytes,
+    fmt: DerivedFormat,
+    info: ProvenanceInfo,
+    *,
+    parent: bytes,
+    parent_format: DerivedFormat,
+    name: str,
+    edits: Sequence[str] = ("c2pa.edited",),
+    c2pa: C2paSigningConfig | None = None,
+) -> bytes:
+    """Return `data`, an image made from `parent` (the marked original, as stored) and
+    called `name`, with the original's XMP fields plus a reference to `parent`'s SHA-256
+    and, given a signing config, a C2PA manifest with `parent` as its parent ingredient
+    and `edits` (C2PA action names, see `edit_actions`) as what was done to it.
+    `info.image_index` is the parent's index. Raises ProvenanceError on any failure."""
+    for value in (fmt, parent_format):
+        if value not in get_args(DerivedFormat):
+            raise ProvenanceError(f"unsupported image format {value!r}")
+    created_at = info.created_at or datetime.now(UTC)
+    packet = build_packet(
+        request_id=info.request_id,
+        model_identity=info.model_identity,
+        creator_tool=info.creator_tool,
+        created_at=created_at,
+        image_index=info.image_index,
+        seed=info.seed,
+        source_sha256=hashlib.sha256(parent).hexdigest(),
+        rendition=name,
+    )
+    marked = embed_xmp(data, fmt, packet)
+    if c2pa is None:
+        return marked
+    original = f"{info.request_id}-{info.image_index}"
+    return c2pa_manifest.sign(
+        marked,
+        fmt,
+        title=f"{original}-{name}.{fmt}",
+        creator_tool=info.creator_tool,
+        model_identity=info.model_identity,
+        request={
+            "request_id": info.request_id,
+            "image_index": info.image_index,
+            "model": info.model_identity,
+            "rendition": name,
+        },
+        config=c2pa,
+        parent=Parent(parent, parent_format, f"{original}.{parent_format}"),
+        edits=edits,
+    )
+
+
+def edit_actions(
+    *,
+    source_size: tuple[int, int],
+    crop: Sequence[int] | None,
+    size: tuple[int, int],
+    source_format: str,
+    format: str,
+) -> tuple[str, ...]:
+    """The C2PA actions that turn a source into its derived image: `c2pa.cropped` when
+    `crop` (left, top, right, bottom) is less than the whole source, `c2pa.resized` when
+    the result's size differs from the (cropped) region's, `c2pa.converted` when the
+    format changes; `c2pa.edited` when none of these says what happened (a plugin that
+    draws on the image at the same size)."""
+    width, height = source_size
+    box = tuple(crop) if crop is not None else (0, 0, width, height)
+    actions = []
+    if box != (0, 0, width, height):
+        actions.append("c2pa.cropped")
+    if size != (box[2] - box[0], box[3] - box[1]):
+        actions.append("c2pa.resized")
+    if format != source_format:
+        actions.append("c2pa.converted")
+    return tuple(actions) or ("c2pa.edited",)
 
 
 def read_provenance(

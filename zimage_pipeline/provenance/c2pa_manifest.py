@@ -2,7 +2,10 @@
 
 The manifest holds one `c2pa.created` action with the IPTC digital source type
 `trainedAlgorithmicMedia`, and a small `org.zimage-pipeline.request` assertion tying the
-image to its request and model. Signing needs an end-entity certificate (not
+image to its request and model. A derived image's manifest (a rendition) has the image it
+was made from as its parent ingredient (relationship `parentOf`; the parent's own
+manifest is embedded with it), a `c2pa.opened` action naming that ingredient, and the
+edits made (`c2pa.cropped`, `c2pa.resized`, ...). Signing needs an end-entity certificate (not
 self-signed, key usage digitalSignature, an EKU C2PA accepts such as emailProtection or
 documentSigning) followed by its intermediates, and the matching private key.
 """
@@ -13,6 +16,7 @@ import io
 import json
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +29,14 @@ from zimage_pipeline.provenance.errors import ProvenanceError
 from zimage_pipeline.provenance.xmp import TRAINED_ALGORITHMIC_MEDIA
 from zimage_pipeline.settings import ProvenanceSettings
 
-MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+MIME_TYPES = {
+    "png": "image/png",
+    "jpeg": "image/jpeg",
+    "webp": "image/webp",
+    "avif": "image/avif",
+}
 REQUEST_ASSERTION = "org.zimage-pipeline.request"
+_PARENT_LABEL = "parent"  # how the c2pa.opened action names the parent ingredient
 _TINY_PNG = (
     PNG_SIGNATURE
     + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0))
@@ -57,6 +67,9 @@ class C2paReport:
     claim_generator: str | None = None
     request: dict[str, Any] | None = None
     error: str | None = None
+    # Each ingredient: title, relationship ("parentOf" for a derived image's source),
+    # format, and whether it brought a manifest of its own.
+    ingredients: tuple[dict[str, Any], ...] = ()
 
     @property
     def verified(self) -> bool:
@@ -67,6 +80,15 @@ class C2paReport:
     @property
     def trusted(self) -> bool:
         return self.verified and self.validation_state == "Trusted"
+
+
+@dataclass(frozen=True, slots=True)
+class Parent:
+    """The image a derived one was made from: its parent ingredient."""
+
+    data: bytes  # as stored, with its own manifest (embedded in the ingredient)
+    format: str  # png | webp | jpeg | avif
+    title: str
 
 
 def load_signing_config(settings: ProvenanceSettings) -> C2paSigningConfig | None:
@@ -133,25 +155,27 @@ def sign(
     model_identity: str,
     request: dict[str, Any],
     config: C2paSigningConfig,
+    parent: Parent | None = None,
+    edits: Sequence[str] = (),
 ) -> bytes:
-    """Embed a signed manifest; the returned bytes are the complete new file."""
+    """Embed a signed manifest; the returned bytes are the complete new file. With a
+    `parent`, the image is derived from it by `edits` (C2PA action names)."""
+    if parent is None:
+        actions = [
+            {
+                "action": "c2pa.created",
+                "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
+                "softwareAgent": {"name": model_identity},
+            }
+        ]
+    else:
+        actions = _derived_actions(creator_tool, edits)
     manifest = {
         "claim_generator_info": [{"name": creator_tool}],
         "title": title,
         "format": MIME_TYPES[fmt],
         "assertions": [
-            {
-                "label": "c2pa.actions",
-                "data": {
-                    "actions": [
-                        {
-                            "action": "c2pa.created",
-                            "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
-                            "softwareAgent": {"name": model_identity},
-                        }
-                    ]
-                },
-            },
+            {"label": "c2pa.actions", "data": {"actions": actions}},
             {"label": REQUEST_ASSERTION, "data": request},
         ],
     }
@@ -160,10 +184,34 @@ def sign(
     out = io.BytesIO()
     try:
         with _signer(config) as signer, c2pa.Builder.from_json(manifest, context) as builder:
+            if parent is not None:
+                _add_parent(builder, parent)
             builder.sign(signer, MIME_TYPES[fmt], io.BytesIO(data), out)
     except c2pa.C2paError as exc:
         raise ProvenanceError(f"C2PA signing failed: {type(exc).__name__}") from exc
     return out.getvalue()
+
+
+def _derived_actions(creator_tool: str, edits: Sequence[str]) -> list[dict[str, Any]]:
+    """`c2pa.opened` on the parent (a C2PA 2 manifest must start with created or opened,
+    and opened must name its ingredient), then the edits."""
+    agent = {"name": creator_tool}
+    opened = {
+        "action": "c2pa.opened",
+        # What the parent is, so the derived manifest says it too without a reader
+        # having to walk into the ingredient: the parent is always generated here.
+        "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
+        "softwareAgent": agent,
+        "parameters": {"ingredientIds": [_PARENT_LABEL]},
+    }
+    return [opened, *({"action": edit, "softwareAgent": agent} for edit in edits)]
+
+
+def _add_parent(builder: Any, parent: Parent) -> None:
+    # c2pa-rs reads the parent's manifest store from its bytes and embeds it in the
+    # ingredient, so the derived image's provenance reaches back to the generation.
+    ingredient = {"title": parent.title, "relationship": "parentOf", "label": _PARENT_LABEL}
+    builder.add_ingredient(ingredient, MIME_TYPES[parent.format], io.BytesIO(parent.data))
 
 
 def verify(data: bytes, fmt: str | None, *, trust_anchors_pem: str | None = None) -> C2paReport:
@@ -191,11 +239,29 @@ def verify(data: bytes, fmt: str | None, *, trust_anchors_pem: str | None = None
     return _report(state, results, manifest)
 
 
-def _report(state: str | None, results: dict[str, Any], manifest: dict[str, Any]) -> C2paReport:
-    failures = tuple(
-        f"{item.get('code')}: {item.get('explanation', '')}"
-        for item in (results.get("activeManifest") or {}).get("failure", [])
+def _failures(results: dict[str, Any]) -> tuple[str, ...]:
+    """The active manifest's failures and its ingredients' (a derived image is only as
+    sound as the provenance of what it was made from)."""
+    found = list((results.get("activeManifest") or {}).get("failure", []))
+    for delta in results.get("ingredientDeltas") or []:
+        found += (delta.get("validationDeltas") or {}).get("failure", [])
+    return tuple(f"{item.get('code')}: {item.get('explanation', '')}" for item in found)
+
+
+def _ingredients(manifest: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    return tuple(
+        {
+            "title": item.get("title"),
+            "relationship": item.get("relationship"),
+            "format": item.get("format"),
+            "has_manifest": bool(item.get("active_manifest")),
+        }
+        for item in manifest.get("ingredients") or []
     )
+
+
+def _report(state: str | None, results: dict[str, Any], manifest: dict[str, Any]) -> C2paReport:
+    failures = _failures(results)
     actions: list[str] = []
     source_type = None
     request = None
@@ -218,6 +284,7 @@ def _report(state: str | None, results: dict[str, Any], manifest: dict[str, Any]
         signer=", ".join(str(info[k]) for k in ("common_name", "issuer") if info.get(k)) or None,
         claim_generator=generators[0].get("name"),
         request=request,
+        ingredients=_ingredients(manifest),
     )
 
 

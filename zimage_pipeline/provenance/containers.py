@@ -1,4 +1,4 @@
-"""XMP packets inside PNG, JPEG and WebP files, written and read without re-encoding.
+"""XMP packets inside PNG, JPEG, WebP and AVIF files, written and read without re-encoding.
 
 The encoded pixels are never touched: we only add (or replace) the one metadata block
 each format defines for XMP, so marking is lossless and cheap.
@@ -7,6 +7,7 @@ each format defines for XMP, so marking is lossless and cheap.
 - JPEG: an APP1 segment starting `http://ns.adobe.com/xap/1.0/\\0`, after SOI/APP0.
 - WebP: an `XMP ` chunk, with the VP8X header's XMP flag set (a simple VP8/VP8L file
   is promoted to the extended format, as the WebP container spec requires).
+- AVIF: a `mime` item of type `application/rdf+xml` (provenance/avif.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 
+from zimage_pipeline.provenance import avif
 from zimage_pipeline.provenance.errors import ProvenanceError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -31,6 +33,8 @@ def detect_format(data: bytes) -> str | None:
         return "jpeg"
     if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
+    if avif.is_avif(data):
+        return "avif"
     return None
 
 
@@ -41,6 +45,8 @@ def embed_xmp(data: bytes, fmt: str, packet: bytes) -> bytes:
         return _png_embed(data, packet)
     if fmt == "jpeg":
         return _jpeg_embed(data, packet)
+    if fmt == "avif":
+        return avif.embed(data, packet)
     return _webp_embed(data, packet)
 
 
@@ -52,6 +58,8 @@ def extract_xmp(data: bytes) -> bytes | None:
         return _jpeg_extract(data)
     if fmt == "webp":
         return _webp_extract(data)
+    if fmt == "avif":
+        return avif.extract(data)
     return None
 
 

@@ -1,10 +1,17 @@
-"""The XMP packet every image carries: IPTC digital source type, creator tool, request id."""
+"""The XMP packet every image carries: IPTC digital source type, creator tool, request id.
+
+An image derived from another (a rendition) carries the same fields, and names its
+source: `xmpMM:DerivedFrom` (a ResourceRef whose `stRef:instanceID` is the source's
+SHA-256 as an RFC 6920 `nih:sha-256;<hex>` URI), with `zimage:SourceSha256` (the bare hex
+digest, as the result event and the audit record list it) and `zimage:Rendition` (its
+name) beside it.
+"""
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET  # only on packets screened by _refuse_dtd
 from datetime import UTC, datetime
-from xml.sax.saxutils import quoteattr
+from xml.sax.saxutils import escape, quoteattr
 
 from zimage_pipeline.provenance.errors import ProvenanceError
 
@@ -16,7 +23,10 @@ NAMESPACES = {
     "xmp": "http://ns.adobe.com/xap/1.0/",
     "dc": "http://purl.org/dc/elements/1.1/",
     "zimage": "urn:zimage-pipeline:xmp:1.0#",
+    "xmpMM": "http://ns.adobe.com/xap/1.0/mm/",
+    "stRef": "http://ns.adobe.com/xap/1.0/sType/ResourceRef#",
 }
+_PARSE_TYPE = f"{{{NAMESPACES['rdf']}}}parseType"
 _PREFIX_OF = {uri: prefix for prefix, uri in NAMESPACES.items()}
 
 
@@ -28,8 +38,13 @@ def build_packet(
     created_at: datetime,
     image_index: int,
     seed: int | None,
+    source_sha256: str | None = None,
+    rendition: str | None = None,
 ) -> bytes:
-    """A complete XMP packet (UTF-8). Values are XML-escaped attribute values."""
+    """A complete XMP packet (UTF-8). Values are XML-escaped attribute values.
+
+    `source_sha256` (hex) and `rendition`: the packet of an image derived from the one
+    whose bytes have that digest, under that name."""
     fields = {
         "Iptc4xmpExt:DigitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
         # IPTC 2025.1 generative-AI properties: which system made the image.
@@ -42,20 +57,35 @@ def build_packet(
     }
     if seed is not None:
         fields["zimage:Seed"] = str(seed)
-    declarations = " ".join(
-        f"xmlns:{p}={quoteattr(NAMESPACES[p])}" for p in ("Iptc4xmpExt", "xmp", "zimage")
-    )
+    prefixes = ["Iptc4xmpExt", "xmp", "zimage"]
+    body = "/>"  # an original's packet: its bytes as they always were
+    if source_sha256 is not None:
+        fields["zimage:SourceSha256"] = source_sha256
+        fields["zimage:Rendition"] = rendition or ""
+        prefixes += ["xmpMM", "stRef"]
+        body = f">\n{_derived_from(source_sha256)}  </rdf:Description>"
+    declarations = " ".join(f"xmlns:{p}={quoteattr(NAMESPACES[p])}" for p in prefixes)
     attributes = "\n    ".join(f"{name}={quoteattr(value)}" for name, value in fields.items())
     text = (
         '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
         f'<x:xmpmeta xmlns:x="{NAMESPACES["x"]}">\n'
         f' <rdf:RDF xmlns:rdf="{NAMESPACES["rdf"]}">\n'
-        f'  <rdf:Description rdf:about="" {declarations}\n    {attributes}/>\n'
+        f'  <rdf:Description rdf:about="" {declarations}\n    {attributes}{body}\n'
         " </rdf:RDF>\n"
         "</x:xmpmeta>\n"
         '<?xpacket end="r"?>'
     )
     return text.encode("utf-8")
+
+
+def _derived_from(source_sha256: str) -> str:
+    """The `xmpMM:DerivedFrom` struct naming the source by its digest."""
+    instance = escape(f"nih:sha-256;{source_sha256}")
+    return (
+        '   <xmpMM:DerivedFrom rdf:parseType="Resource">\n'
+        f"    <stRef:instanceID>{instance}</stRef:instanceID>\n"
+        "   </xmpMM:DerivedFrom>\n"
+    )
 
 
 def _refuse_dtd(packet: bytes) -> None:
@@ -77,7 +107,9 @@ def parse_packet(packet: bytes) -> dict[str, str]:
     """Simple properties of every rdf:Description, as `prefix:Name` -> value.
 
     Both serialisations are read: properties as attributes (what we write) and as
-    child elements with text or a single rdf:li (what other tools often write).
+    child elements with text or a single rdf:li (what other tools often write). The
+    fields of a struct (`rdf:parseType="Resource"`, or written as attributes of its
+    element) are read as `prefix:Struct/prefix:Field`.
     """
     _refuse_dtd(packet)
     text = packet.decode("utf-8", errors="replace").lstrip("\ufeff")
@@ -100,8 +132,22 @@ def parse_packet(packet: bytes) -> dict[str, str]:
             if not attr.startswith(f"{{{NAMESPACES['rdf']}}}"):
                 fields[_name(attr)] = value
         for child in description:
+            struct = _struct_fields(child)
+            if struct:
+                fields.update((f"{_name(child.tag)}/{k}", v) for k, v in struct.items())
+                continue
             items = [li.text or "" for li in child.iter(f"{{{NAMESPACES['rdf']}}}li")]
             value = "; ".join(items) if items else (child.text or "").strip()
             resource = child.attrib.get(f"{{{NAMESPACES['rdf']}}}resource")
             fields[_name(child.tag)] = resource or value
+    return fields
+
+
+def _struct_fields(element: ET.Element) -> dict[str, str]:
+    """The fields of a struct property, empty if `element` is not one."""
+    # rdf:* and xml:lang attributes are syntax, not fields.
+    syntax = (f"{{{NAMESPACES['rdf']}}}", "{http://www.w3.org/XML/1998/namespace}")
+    fields = {_name(k): v for k, v in element.attrib.items() if not k.startswith(syntax)}
+    if element.attrib.get(_PARSE_TYPE) == "Resource":
+        fields.update((_name(f.tag), (f.text or "").strip()) for f in element)
     return fields

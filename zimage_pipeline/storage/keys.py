@@ -23,7 +23,8 @@ from zimage_pipeline.ids import (
 from zimage_pipeline.storage.errors import InvalidKeyError
 
 _SEGMENT = re.compile(KEY_SEGMENT_PATTERN)
-IMAGE_EXTENSIONS = frozenset({"png", "webp", "jpeg", "jpg"})
+IMAGE_EXTENSIONS = frozenset({"png", "webp", "jpeg", "jpg", "avif"})
+RENDITION_EXTENSIONS = frozenset({"png", "webp", "jpg", "avif"})
 
 
 def safe_id(request_id: str) -> str:
@@ -84,11 +85,28 @@ def image_key(prefix: str, created_at: datetime, request_id: str, index: int, ex
     `created_at` must be the time the request was first received (as recorded in the
     ledger), never "now": a redelivery on another day must land on the same key.
     """
-    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-        raise InvalidKeyError(f"image index must be a non-negative int, got {index!r}")
+    _check_index(index)
     if ext not in IMAGE_EXTENSIONS:
         raise InvalidKeyError(f"unsupported image extension {ext!r:.20}")
     return f"{request_prefix(prefix, created_at, request_id)}/{index}.{ext}"
+
+
+def rendition_key(
+    prefix: str, created_at: datetime, request_id: str, index: int, name: str, ext: str
+) -> str:
+    """`{prefix}/{yyyy}/{mm}/{dd}/{request_id}/{index}/{name}.{ext}`: an image derived
+    from image `index` (a rendition), beside it and under the request's prefix, so a
+    discard deletes it with the rest. `name` must be a safe segment (a plugin's choice,
+    checked like an id); `ext` one of png, webp, jpg, avif."""
+    _check_index(index)
+    if ext not in RENDITION_EXTENSIONS:
+        raise InvalidKeyError(f"unsupported rendition extension {ext!r:.20}")
+    return f"{request_prefix(prefix, created_at, request_id)}/{index}/{safe_segment(name)}.{ext}"
+
+
+def _check_index(index: int) -> None:
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise InvalidKeyError(f"image index must be a non-negative int, got {index!r}")
 
 
 def audit_record_key(prefix: str, created_at: datetime, request_id: str) -> str:

@@ -9,23 +9,34 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from zimage_pipeline.ports import AuditRecord
 from zimage_pipeline.service import Ports
 from zimage_pipeline.settings import Settings
+from zimage_pipeline.worker.periodic import PeriodicJob
 
 log = logging.getLogger(__name__)
+
+
+# How often the ledger and store housekeeping runs (each job on its own schedule).
+HOUSEKEEPING_EVERY_S = 30.0
 
 
 @dataclass(slots=True)
 class Wiring:
     ports: Ports
-    # Housekeeping the worker runs periodically on its I/O pool: expiring crashed
-    # workers' quota leases, deleting failed requests' leftover objects, anchoring the
-    # audit chain head in the object store.
-    maintenance: list[Callable[[], Any]] = field(default_factory=list)
+    # The periodic jobs the worker runs (worker/periodic.py): expiring crashed workers'
+    # quota leases, deleting failed requests' leftover objects, anchoring the audit chain
+    # head in the object store, delivering the result sinks' outbox.
+    periodic: list[PeriodicJob] = field(default_factory=list)
     closers: list[Callable[[], Any]] = field(default_factory=list)
+
+    @property
+    def maintenance(self) -> list[Callable[[], Any]]:
+        """The housekeeping jobs' callables, for running them by hand (tests, tools)."""
+        return [job.run for job in self.periodic if job.housekeeping]
 
 
 class AuditAdapter:
@@ -48,7 +59,10 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
     from zimage_pipeline.ledger.db import create_ledger_engine
     from zimage_pipeline.ledger.discards import DiscardQueue
     from zimage_pipeline.ledger.jobs import JobStore
+    from zimage_pipeline.ledger.outbox import SinkOutbox
     from zimage_pipeline.ledger.quota import QuotaLedger
+    from zimage_pipeline.ledger.txn import utcnow
+    from zimage_pipeline.plugins.registry import load_enabled
     from zimage_pipeline.policy import load_rules
     from zimage_pipeline.provenance import load_signing_config
     from zimage_pipeline.storage import ObjectStore
@@ -57,9 +71,12 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
     from zimage_pipeline.wiring.jobs import LedgerJobs
     from zimage_pipeline.wiring.ledger import LedgerUnits
     from zimage_pipeline.wiring.outputs import EngineAdapter, ProvenanceEncoder, S3Store
+    from zimage_pipeline.wiring.sinks import OutboxDispatcher
+    from zimage_pipeline.worker.periodic import RESULT_SINKS_JOB
     from zimage_pipeline.worker.runner import default_worker_id
 
     load_rules(settings.policy)  # a broken policy file stops the worker now, by name
+    plugins = load_enabled(settings.plugins.tables())  # so does a plugin that cannot load
     ledger = create_ledger_engine(settings.database)
     directory = LdapDirectory(settings.directory)
     quota_ledger = QuotaLedger(ledger)
@@ -74,6 +91,16 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
         log.info("engine warm in %.1fs", seconds)
     job_store = JobStore(ledger)
     discards = DiscardQueue(ledger)
+    worker_id = settings.worker.worker_id or default_worker_id()
+    # Result sinks (webhooks) deliver from an outbox in the ledger, never inline: a
+    # receiver that is down or slow never holds a delivery or the GPU.
+    outbox = SinkOutbox(ledger)
+    dispatcher = (
+        OutboxDispatcher(outbox, plugins.result_sinks, worker_id=worker_id)
+        if plugins.result_sinks
+        else None
+    )
+    retention = timedelta(days=settings.plugins.sink_retention_days)
     ports = Ports(
         jobs=LedgerJobs(job_store, busy_s=settings.worker.job_busy_s),
         authorizer=DirectoryAuthorizer(directory, settings.policy),
@@ -96,15 +123,37 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
             presign_ttl_s=settings.storage.presign_ttl_s,
         ),
         audit=AuditAdapter(audit_log),
+        plugins=plugins,
+        outbox=dispatcher,
     )
     sweeper = DiscardSweeper(
-        discards,
-        store=ports.store,
-        ledger=ports.ledger,
-        actor=f"worker:{settings.worker.worker_id or default_worker_id()}",
+        discards, store=ports.store, ledger=ports.ledger, actor=f"worker:{worker_id}"
     )
+    sink_jobs = (
+        [
+            # Woken by the worker as soon as it queued something (runner's wakers).
+            PeriodicJob(
+                RESULT_SINKS_JOB,
+                settings.plugins.sink_poll_s,
+                dispatcher.run_once,
+                housekeeping=False,
+            ),
+            PeriodicJob("prune_sink_outbox", 3600.0, lambda: outbox.prune(utcnow() - retention)),
+        ]
+        if dispatcher is not None
+        else []
+    )
+    closers: list[Callable[[], Any]] = [
+        close for _, sink in plugins.result_sinks.items() if (close := getattr(sink, "close", None))
+    ]
     return Wiring(
         ports=ports,
-        maintenance=[quota_ledger.expire_leases, sweeper.sweep, anchorer.maybe_anchor],
-        closers=[directory.close, ledger.dispose],
+        periodic=[
+            PeriodicJob("expire_quota_leases", HOUSEKEEPING_EVERY_S, quota_ledger.expire_leases),
+            PeriodicJob("discard_sweep", HOUSEKEEPING_EVERY_S, sweeper.sweep),
+            # maybe_anchor writes only every audit.anchor_interval_s; asked more often.
+            PeriodicJob("anchor_audit_chain", HOUSEKEEPING_EVERY_S, anchorer.maybe_anchor),
+            *sink_jobs,
+        ],
+        closers=[*closers, directory.close, ledger.dispose],
     )

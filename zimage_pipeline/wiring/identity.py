@@ -68,6 +68,7 @@ class DirectoryAuthorizer:
             roles_snapshot=snapshot,
             quota_subjects=subject,
             groups=groups,
+            roles=tuple(subject.roles),
         )
 
 

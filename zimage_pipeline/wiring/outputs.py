@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from urllib.parse import unquote
@@ -11,7 +12,9 @@ from urllib.parse import unquote
 from zimage_pipeline import __version__
 from zimage_pipeline.engine import GenerationSpec, TurboEngine, encode_image
 from zimage_pipeline.messages import GenerationRequest
+from zimage_pipeline.plugins.api import DerivedImage
 from zimage_pipeline.ports import (
+    EncodedDerived,
     EncodedImage,
     ImageSpec,
     ModelIdentity,
@@ -19,7 +22,13 @@ from zimage_pipeline.ports import (
     StoredObjectRef,
     StoredOutputs,
 )
-from zimage_pipeline.provenance import C2paSigningConfig, ProvenanceInfo, mark_image
+from zimage_pipeline.provenance import (
+    C2paSigningConfig,
+    ProvenanceInfo,
+    edit_actions,
+    mark_image,
+)
+from zimage_pipeline.provenance import mark_derived as mark_derived_image
 from zimage_pipeline.storage import (
     ObjectConflictError,
     ObjectStore,
@@ -29,9 +38,16 @@ from zimage_pipeline.storage import (
     request_prefix,
     wire,
 )
+from zimage_pipeline.storage.keys import rendition_key
 
-CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
-EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
+CONTENT_TYPES = {
+    "png": "image/png",
+    "webp": "image/webp",
+    "jpeg": "image/jpeg",
+    "avif": "image/avif",
+}
+EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg", "avif": "avif"}
+TAGS = {"generator": "zimage-pipeline", "ai-generated": "true"}
 
 
 class EngineAdapter:
@@ -104,6 +120,80 @@ class ProvenanceEncoder:
         )
         return EncodedImage(marked, request.format, image.width, image.height, image.seed)
 
+    def mark_derived(
+        self,
+        derived: Any,
+        *,
+        source: EncodedImage,
+        request: GenerationRequest,
+        model: ModelIdentity,
+        created_at: datetime,
+        plugin: str,
+    ) -> EncodedDerived:
+        image: DerivedImage = derived
+        edits = edit_actions(
+            source_size=(source.width, source.height),
+            crop=_crop_box(image.details),
+            size=(image.width, image.height),
+            source_format=source.format.value,
+            format=image.format,
+        )
+        marked = mark_derived_image(
+            image.data,
+            image.format,  # type: ignore[arg-type]  # checked by the service
+            ProvenanceInfo(
+                request_id=request.request_id,
+                model_identity=model_label(model),
+                creator_tool=self._creator_tool,
+                image_index=image.source_index,
+                seed=source.seed,
+                created_at=created_at,  # as for the original: a retry, the same XMP
+            ),
+            parent=source.data,
+            parent_format=source.format.value,
+            name=image.name,
+            edits=edits,
+            c2pa=self._c2pa,
+        )
+        return EncodedDerived(
+            source_index=image.source_index,
+            name=image.name,
+            data=marked,
+            format=image.format,
+            width=image.width,
+            height=image.height,
+            plugin=plugin,
+            details=dict(image.details),
+        )
+
+
+def _crop_box(details: Mapping[str, Any]) -> tuple[int, int, int, int] | None:
+    """The crop box a plugin reported (left, top, right, bottom), if it reported one in
+    that shape: the details are the plugin's, so nothing else is assumed of them."""
+    box = details.get("crop")
+    if not isinstance(box, list | tuple) or len(box) != 4:
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in box):
+        return None
+    return (box[0], box[1], box[2], box[3])
+
+
+@dataclass(frozen=True, slots=True)
+class _Upload:
+    """One object of a request's outputs: an image or an image derived from one."""
+
+    key: str
+    data: bytes
+    content_type: str
+    metadata: dict[str, str]
+    seed: int  # the (source) image's seed, which an adopted object's metadata must show
+    digests: tuple[str, str] = field(init=False)
+    # What the audit record says of the object besides its key, digest and size.
+    listing: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "digests", wire.sha256_digests(self.data))
+
 
 class S3Store:
     def __init__(self, store: ObjectStore, *, prefix: str, presign_ttl_s: int) -> None:
@@ -123,67 +213,112 @@ class S3Store:
         images: Sequence[EncodedImage],
         audit_record: Mapping[str, Any],
         first_attempt: bool = False,
+        derived: Sequence[EncodedDerived] = (),
     ) -> StoredOutputs:
-        keys = [
-            image_key(
-                self._prefix, created_at, request.request_id, i, EXTENSIONS[image.format.value]
-            )
-            for i, image in enumerate(images)
+        model = str(audit_record.get("model", {}).get("name", ""))
+        uploads = [
+            self._image_upload(request, created_at, index, image, model)
+            for index, image in enumerate(images)
+        ]
+        uploads += [
+            self._derived_upload(request, created_at, d, images[d.source_index], model)
+            for d in derived
         ]
         record_key = audit_record_key(self._prefix, created_at, request.request_id)
-        digests = [wire.sha256_digests(image.data) for image in images]
-        uploads = [
-            self._uploads.submit(self._put_image, key, image, digest, request, audit_record)
-            for key, image, digest in zip(keys, images, digests, strict=True)
-        ]
+        request_id = request.request_id
+        puts = [self._uploads.submit(self._put, upload, request_id) for upload in uploads]
         if first_attempt:
-            # No earlier attempt can have stored anything, so no image is adopted: each
+            # No earlier attempt can have stored anything, so no object is adopted: each
             # keeps the digest computed here, and the record naming them goes up beside
-            # them. On a retry the record waits for the images (one may be adopted).
-            planned = [
-                StoredObjectRef("", key, None, digest[0], len(image.data))
-                for key, image, digest in zip(keys, images, digests, strict=True)
-            ]
+            # them. On a retry the record waits for the objects (one may be adopted).
+            planned = [StoredObjectRef("", u.key, None, u.digests[0], len(u.data)) for u in uploads]
             record = self._uploads.submit(
-                self._put_record, record_key, request.request_id, audit_record, planned
+                self._put_record, record_key, request_id, audit_record, uploads, planned
             )
-            refs = _results([*uploads, record])[: len(images)]
+            refs = _results([*puts, record])[: len(uploads)]
             if [(r.sha256, r.size) for r in refs] != [(r.sha256, r.size) for r in planned]:
-                # An image was adopted after all (an earlier attempt the ledger does not
+                # An object was adopted after all (an earlier attempt the ledger does not
                 # know of, e.g. a ledger restored from a backup): the record just written
                 # names other bytes. It is this request's own: replace it.
                 self._store.delete_object(record_key)
-                self._put_record(record_key, request.request_id, audit_record, refs)
+                self._put_record(record_key, request_id, audit_record, uploads, refs)
         else:
-            refs = _results(uploads)
-            self._put_record(record_key, request.request_id, audit_record, refs)
-        return StoredOutputs(images=refs, audit_record_key=record_key)
+            refs = _results(puts)
+            self._put_record(record_key, request_id, audit_record, uploads, refs)
+        count = len(images)
+        return StoredOutputs(images=refs[:count], audit_record_key=record_key, derived=refs[count:])
 
-    def _put_image(
+    def _image_upload(
         self,
-        key: str,
-        image: EncodedImage,
-        digests: tuple[str, str],
         request: GenerationRequest,
-        audit_record: Mapping[str, Any],
-    ) -> StoredObjectRef:
+        created_at: datetime,
+        index: int,
+        image: EncodedImage,
+        model: str,
+    ) -> _Upload:
         fmt = image.format.value
+        return _Upload(
+            key=image_key(self._prefix, created_at, request.request_id, index, EXTENSIONS[fmt]),
+            data=image.data,
+            content_type=CONTENT_TYPES[fmt],
+            metadata={
+                "request-id": request.request_id,
+                "user": request.on_behalf_of,
+                "model": model,
+                "seed": str(image.seed),
+            },
+            seed=image.seed,
+        )
+
+    def _derived_upload(
+        self,
+        request: GenerationRequest,
+        created_at: datetime,
+        image: EncodedDerived,
+        source: EncodedImage,
+        model: str,
+    ) -> _Upload:
+        key = rendition_key(
+            self._prefix,
+            created_at,
+            request.request_id,
+            image.source_index,
+            image.name,
+            EXTENSIONS[image.format],
+        )
+        return _Upload(
+            key=key,
+            data=image.data,
+            content_type=CONTENT_TYPES[image.format],
+            metadata={
+                "request-id": request.request_id,
+                "user": request.on_behalf_of,
+                "model": model,
+                "seed": str(source.seed),
+                "plugin": image.plugin,
+                "source-index": str(image.source_index),
+                "rendition": image.name,
+            },
+            seed=source.seed,
+            listing={
+                "source_index": image.source_index,
+                "rendition": image.name,
+                "plugin": image.plugin,
+            },
+        )
+
+    def _put(self, upload: _Upload, request_id: str) -> StoredObjectRef:
         try:
             stored = self._store.put_object(
-                key,
-                image.data,
-                digests=digests,
-                content_type=CONTENT_TYPES[fmt],
-                metadata={
-                    "request-id": request.request_id,
-                    "user": request.on_behalf_of,
-                    "model": str(audit_record.get("model", {}).get("name", "")),
-                    "seed": str(image.seed),
-                },
-                tags={"generator": "zimage-pipeline", "ai-generated": "true"},
+                upload.key,
+                upload.data,
+                digests=upload.digests,
+                content_type=upload.content_type,
+                metadata=upload.metadata,
+                tags=TAGS,
             )
         except ObjectConflictError:
-            stored = self._adopt(key, request_id=request.request_id, seed=image.seed)
+            stored = self._adopt(upload.key, request_id=request_id, seed=upload.seed)
         url = (
             self._store.presign_get(stored.key, self._presign_ttl_s)
             if self._presign_ttl_s
@@ -198,12 +333,14 @@ class S3Store:
         key: str,
         request_id: str,
         audit_record: Mapping[str, Any],
+        uploads: Sequence[_Upload],
         refs: Sequence[StoredObjectRef],
     ) -> StoredObjectRef:
-        record = {
-            **audit_record,
-            "objects": [{"key": r.key, "sha256": r.sha256, "bytes": r.size} for r in refs],
-        }
+        objects = [
+            {"key": r.key, "sha256": r.sha256, "bytes": r.size, **u.listing}
+            for u, r in zip(uploads, refs, strict=True)
+        ]
+        record = {**audit_record, "objects": objects}
         try:
             stored = self._store.put_json(
                 key, record, metadata={"request-id": request_id}, tags={"kind": "audit-record"}

@@ -124,6 +124,9 @@ class Worker:
         # When a delivery last finished (answered, retried or requeued): readiness
         # requires progress while there is work (see `stalled`).
         self.last_progress = time.monotonic()
+        # Set when a result was queued for the result sinks: the runner's dispatcher
+        # delivers it now instead of at its next poll.
+        self.sinks_pending = asyncio.Event()
 
     @property
     def ready(self) -> bool:
@@ -402,6 +405,9 @@ class Worker:
                 )
             except ZImageError as exc:  # the result is out; a missing event is logged, not fatal
                 log.warning("could not record the published event: %s", exc)
+            # Before the ack: a failure here requeues the delivery (see hand_to_sinks).
+            if await self._service.hand_to_sinks(result, ledger_key=outcome.ledger_key):
+                self.sinks_pending.set()
             self._metrics.jobs.labels(result.status.value, result.reason or "").inc()
             for phase, seconds in result.timings_s.items():
                 self._metrics.phase_seconds.labels(phase).observe(seconds)

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import socket
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
@@ -21,13 +21,14 @@ from zimage_pipeline.watchdog import (
     arm_exit_backstop,
     exit_process,
 )
+from zimage_pipeline.worker import periodic
 from zimage_pipeline.worker.consumer import EXIT_FATAL, Worker
 from zimage_pipeline.worker.health import HealthServer
+from zimage_pipeline.worker.periodic import RESULT_SINKS_JOB, PeriodicJob
 
 if TYPE_CHECKING:
     from zimage_pipeline.wiring import Wiring
 
-MAINTENANCE_INTERVAL_S = 30.0
 # After a hung generation, the orderly shutdown may take the grace period for the other
 # in-flight work, plus this for requeueing and closing, before the backstop exits anyway.
 HANG_EXIT_MARGIN_S = 30.0
@@ -46,25 +47,13 @@ def _gpu_memory_probe(metrics: Metrics) -> None:
         metrics.gpu_memory_bytes.set(torch.cuda.memory_allocated())
 
 
-async def _maintain(
-    wiring: Wiring, io: Executor, metrics: Metrics, service: RequestService
-) -> None:
-    """Expire crashed workers' quota leases, delete failed requests' leftover objects,
-    anchor the audit chain, write the junk summaries, sample GPU memory: every 30 s."""
-    loop = asyncio.get_running_loop()
-    while True:
-        with suppress(Exception):
-            _gpu_memory_probe(metrics)
-        try:
-            await service.flush_junk_summaries()
-        except Exception:
-            log.exception("could not write the junk summaries; retrying later")
-        for task in wiring.maintenance:
-            try:
-                await loop.run_in_executor(io, task)
-            except Exception:
-                log.exception("maintenance task failed; retrying later")
-        await asyncio.sleep(MAINTENANCE_INTERVAL_S)
+def _worker_jobs(metrics: Metrics, service: RequestService) -> list[PeriodicJob]:
+    """The worker's own periodic jobs, beside the wiring's housekeeping."""
+    return [
+        # A junk window's count is written even when the junk stops.
+        PeriodicJob("junk_summaries", 30.0, service.flush_junk_summaries, housekeeping=False),
+        PeriodicJob("gpu_memory", 30.0, lambda: _gpu_memory_probe(metrics), housekeeping=False),
+    ]
 
 
 def generation_watchdog(settings: WorkerSettings) -> GenerationWatchdog:
@@ -103,6 +92,7 @@ async def run_worker(
             max_body_bytes=settings.worker.max_body_bytes,
             heartbeat_s=settings.worker.job_busy_s / 4,
             max_job_attempts=settings.worker.max_job_attempts,
+            plugin_timeout_s=settings.plugins.stage_timeout_s,
         ),
         gpu_executor=gpu,
         io_executor=io,
@@ -126,13 +116,18 @@ async def run_worker(
         )
         await health.start()
     log.info("worker %s starting", worker_id)
-    maintenance = asyncio.create_task(_maintain(wiring, io, metrics, service))
+    background = periodic.start(
+        [*wiring.periodic, *_worker_jobs(metrics, service)],
+        io,
+        wakers={RESULT_SINKS_JOB: worker.sinks_pending},
+    )
     try:
         code = await worker.run_until(stop)
     finally:
-        maintenance.cancel()
-        with suppress(asyncio.CancelledError):
-            await maintenance
+        for task in background:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
         with suppress(Exception):  # the count of a junk window still open
             await service.flush_junk_summaries(all_windows=True)
         if health is not None:

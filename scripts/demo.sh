@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job, end to end on the local services: install, start services, migrate the
 # ledger, build the tiny test model, check that every dependency answers, then start two
-# workers and run the scenario of zimage_pipeline/demo.py (a CMS hero image, a batch that
-# runs into its quota, a user without the generation role, a malformed message), show the
-# audit trail of the run and verify the chain. Exits non-zero if any outcome differs.
+# workers and run the scenario of zimage_pipeline/demo.py (a CMS hero image with
+# renditions, a batch that runs into its quota, a user without the generation role, a
+# refused prompt, a malformed message, every result also sent to a signed webhook), show
+# the audit trail of the run and verify the chain. Exits non-zero if any outcome differs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,20 @@ set -a
 source .local/zimage.env
 set +a
 zp=.venv/bin/zimage-pipeline
+
+step "turn on the demo's plugins (config/demo-plugins.toml -> .local/demo.toml)"
+# The project's config plus the demo's plugin tables: a prompt filter, renditions and a
+# webhook to the scenario's own receiver (ZIMAGE_DEMO_WEBHOOK_PORT, default 9479).
+WEBHOOK_PORT=${ZIMAGE_DEMO_WEBHOOK_PORT:-9479}
+if [[ ! -s .local/secrets/webhook_demo ]]; then
+    (umask 077; .venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(32))' \
+        >.local/secrets/webhook_demo)
+fi
+{ cat config/zimage.toml; echo; \
+  sed "s|@WEBHOOK_URL@|http://127.0.0.1:$WEBHOOK_PORT/hooks/zimage|" config/demo-plugins.toml; } \
+    >.local/demo.toml
+export ZIMAGE_CONFIG=.local/demo.toml
+$zp plugins list
 
 step "migrate the ledger"
 $zp db upgrade
@@ -35,9 +50,9 @@ RUN_ID="demo-$(date -u +%Y%m%dT%H%M%S)-$$"
 LOGS=.local/logs
 mkdir -p "$LOGS"
 read -r -a WORKER_PORTS <<<"${ZIMAGE_DEMO_HTTP_PORTS:-9471 9472}"
-for port in "${WORKER_PORTS[@]}"; do
+for port in "${WORKER_PORTS[@]}" "$WEBHOOK_PORT"; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        echo "port 127.0.0.1:$port is taken; set ZIMAGE_DEMO_HTTP_PORTS=\"P1 P2\"" >&2; exit 1
+        echo "port 127.0.0.1:$port is taken; set ZIMAGE_DEMO_HTTP_PORTS=\"P1 P2\" or ZIMAGE_DEMO_WEBHOOK_PORT" >&2; exit 1
     fi
 done
 WORKER_PIDS=()

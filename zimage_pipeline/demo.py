@@ -2,10 +2,18 @@
 
     python -m zimage_pipeline.demo --run-id RUN --client-secrets-dir .local/secrets
 
-1. `cms-publisher` publishes an interactive hero image on behalf of editor `alice`;
+1. `cms-publisher` publishes an interactive hero image on behalf of editor `alice`,
+   with a social crop around a focal point besides the default thumbnail (the
+   renditions plugin);
 2. `bob` publishes a bulk batch that runs into his daily quota;
 3. `carol` (auditor, no generation role) asks for an image;
-4. `pim-sync` publishes a message that is not JSON (it must end in the DLQ).
+4. `cms-publisher` sends a prompt naming a competitor's brand (the deny_list plugin
+   refuses it: PROMPT_REFUSED, nothing charged);
+5. `pim-sync` publishes a message that is not JSON (it must end in the DLQ);
+6. every request that reached a decision is also POSTed, signed, to the demo's own
+   webhook receiver (the webhook plugin), which checks each signature.
+
+The plugins' configuration is `config/demo-plugins.toml` (`plugin_tables`).
 
 Every outcome is awaited with a timeout, shown in a table and compared with an explicit
 expected table; the exit status is 1 if anything differs. Quotas are made deterministic
@@ -22,7 +30,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +40,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from zimage_pipeline.broker import connect, connect_robust
+from zimage_pipeline.demo_plugins import receiving
 from zimage_pipeline.demo_table import Outcome, expected_outcomes, print_table
 from zimage_pipeline.settings import Settings, load_settings
 from zimage_pipeline.worker.topology import results_binding_key
@@ -70,6 +79,8 @@ def build_plan(run_id: str, bob_batch: int) -> Plan:
             "steps": 4,
             "format": "webp",
             "priority": "interactive",
+            "renditions": ["social"],
+            "focal_point": {"x": 0.7, "y": 0.4},
         },
     )
     for n in range(1, bob_batch + 1):
@@ -80,6 +91,12 @@ def build_plan(run_id: str, bob_batch: int) -> Plan:
             {"on_behalf_of": "bob", "prompt": f"Catalogue tile {n}", "priority": "bulk", **small},
         )
     plan.add("carol", "carol", f"{run_id}-carol", {"on_behalf_of": "carol", "prompt": "x", **small})
+    plan.add(
+        "refused prompt",
+        "cms-publisher",
+        f"{run_id}-refused",
+        {"on_behalf_of": "alice", "prompt": "Banner beating ＡＣＭＥ Corp's prices", **small},
+    )
     plan.publications.append(
         ("malformed", "pim-sync", f"{run_id}-malformed", b"<sku>not json</sku>")
     )
@@ -189,6 +206,17 @@ async def _in_dlq(settings: Settings, message_id: str) -> bool:
     return found
 
 
+def _webhook_of(settings: Settings) -> tuple[str, bytes]:
+    """The demo webhook's URL and secret, from the `[plugins.webhook]` table."""
+    table = settings.plugins.tables().get("webhook")
+    if not table or not table.get("enabled"):
+        raise SystemExit("the demo needs [plugins.webhook] (config/demo-plugins.toml)")
+    secret = table.get("secret")
+    if secret is None:
+        secret = Path(table["secret_file"]).read_text(encoding="utf-8").removesuffix("\n")
+    return str(table["urls"][0]), str(secret).encode()
+
+
 async def run_scenario(
     settings: Settings,
     *,
@@ -196,8 +224,27 @@ async def run_scenario(
     run_id: str,
     bob_batch: int = 5,
     timeout_s: float = 180.0,
+    run_sinks: Callable[[], Any] | None = None,
 ) -> list[Outcome]:
-    """Publish the plan, wait for every outcome, return the rows of the results table."""
+    """Publish the plan, wait for every outcome and its webhook delivery, return the rows
+    of the results table. `run_sinks`: the outbox's job, for a worker without its
+    periodic jobs (the tests' in-process worker)."""
+    url, secret = _webhook_of(settings)
+    with receiving(url, secret) as receiver:
+        rows = await _publish_and_collect(settings, secrets_dir, run_id, bob_batch, timeout_s)
+        named = {r.request_id for r in rows if r.kind != "malformed"}
+        print(f"waiting for the webhook deliveries of {len(named)} results")
+        await asyncio.to_thread(receiver.wait_for, named, 60.0, poll=run_sinks)
+    for rid in sorted(named):
+        deliveries = receiver.of(rid)
+        signed = all(d.signed for d in deliveries)
+        rows.append(Outcome.webhook(rid, len(deliveries), signed))
+    return rows
+
+
+async def _publish_and_collect(
+    settings: Settings, secrets_dir: Path, run_id: str, bob_batch: int, timeout_s: float
+) -> list[Outcome]:
     plan = build_plan(run_id, bob_batch)
     broker = settings.broker
     tap: asyncio.Queue[dict[str, Any]] = asyncio.Queue()

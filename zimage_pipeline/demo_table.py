@@ -21,6 +21,7 @@ class Outcome:
     reason: str
     keys: tuple[str, ...]
     remaining_day: str
+    renditions: tuple[str, ...] = ()  # the names of the images' renditions
 
     @classmethod
     def of(
@@ -48,23 +49,42 @@ class Outcome:
             reason,
             tuple(image["key"] for image in result.get("images") or ()),
             "" if remaining is None else str(remaining),
+            tuple(
+                sorted(
+                    r["name"] for image in result.get("images") or () for r in image["renditions"]
+                )
+            ),
         )
+
+    @classmethod
+    def webhook(cls, request_id: str, attempts: int, signed: bool) -> Outcome:
+        """Whether the result of `request_id` reached the demo's webhook receiver."""
+        status = "delivered" if attempts else "not delivered"
+        reason = ("signature ok" if signed else "BAD SIGNATURE") if attempts else ""
+        return cls("webhook", "-", request_id, "", status, reason, (), "")
 
     def key(self) -> tuple[str, str, str]:
         # A success without stored images is not the success the scenario expects.
         status = self.status if self.status != "succeeded" or self.keys else "succeeded, no images"
+        if self.renditions:
+            status += " + " + ", ".join(self.renditions)
         return self.kind, status, self.reason
 
 
 def expected_outcomes(*, bob_allowed: int, bob_batch: int) -> Counter[tuple[str, str, str]]:
     """(step, status, reason) -> how many messages end that way."""
     expected: Counter[tuple[str, str, str]] = Counter()
-    expected["hero", "succeeded", ""] += 1
-    expected["bob batch", "succeeded", ""] += min(bob_allowed, bob_batch)
+    # Every image gets the default thumbnail; the hero asked for a social crop too.
+    expected["hero", "succeeded + social, thumb", ""] += 1
+    expected["bob batch", "succeeded + thumb", ""] += min(bob_allowed, bob_batch)
     if bob_batch > bob_allowed:
         expected["bob batch", "rejected", "QUOTA_EXCEEDED"] += bob_batch - bob_allowed
     expected["carol", "rejected", "NOT_AUTHORIZED"] += 1
+    expected["refused prompt", "rejected", "PROMPT_REFUSED"] += 1
     expected["malformed", "rejected", "INVALID_REQUEST (in DLQ)"] += 1
+    # Each request that reached a decision is POSTed to the webhook; the malformed
+    # message is no request of the ledger (its result has no request id).
+    expected["webhook", "delivered", "signature ok"] += 1 + bob_batch + 1 + 1
     return expected
 
 
@@ -81,7 +101,7 @@ def print_table(rows: list[Outcome], expected: Counter[tuple[str, str, str]]) ->
     """Print the outcomes and the expectation; 0 if they match, 1 otherwise."""
     print("\nOutcomes")
     _render(
-        ("request id", "who", "for", "status", "reason", "S3 keys", "day left"),
+        ("request id", "who", "for", "status", "reason", "S3 keys", "renditions", "day left"),
         [
             (
                 r.request_id,
@@ -90,6 +110,7 @@ def print_table(rows: list[Outcome], expected: Counter[tuple[str, str, str]]) ->
                 r.status,
                 r.reason,
                 ", ".join(r.keys) or "-",
+                ", ".join(r.renditions) or "-",
                 r.remaining_day or "-",
             )
             for r in rows

@@ -3,20 +3,23 @@ a fresh SQLite ledger and an in-process worker wired as `zimage-pipeline worker`
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine
 
-from tests.conftest import require_env
+from tests.conftest import PROJECT_ROOT, require_env
 from tests.integration.worker_harness import (
     delete_private_topology,
     private_settings,
     running_worker,
 )
 from zimage_pipeline.demo import bob_quota, run_scenario
+from zimage_pipeline.demo_plugins import plugin_tables
 from zimage_pipeline.demo_table import expected_outcomes, print_table
 from zimage_pipeline.engine.tiny import make_tiny_model
 from zimage_pipeline.ledger import migrate
@@ -27,6 +30,7 @@ from zimage_pipeline.provenance import read_provenance
 from zimage_pipeline.settings import load_settings
 from zimage_pipeline.storage import ObjectStore
 from zimage_pipeline.wiring import build
+from zimage_pipeline.worker.periodic import RESULT_SINKS_JOB
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +41,16 @@ def assert_signed_by_the_local_root(store: ObjectStore, keys: list[str]) -> None
     for key in keys:
         report = read_provenance(store.get_object(key), trust_anchors_pem=anchors)
         assert report.ok and report.c2pa.trusted, (key, report.c2pa)
+
+
+def demo_plugins() -> dict[str, Any]:
+    """The demo's plugins (config/demo-plugins.toml), the webhook on a free local port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tables = plugin_tables(f"http://127.0.0.1:{port}/hooks/demo", root=PROJECT_ROOT)
+    webhook = {k: v for k, v in tables["webhook"].items() if k != "secret_file"}
+    return {**tables, "webhook": {**webhook, "secret": "demo-test-secret"}}
 
 
 async def test_the_demo_scenario_ends_as_expected(
@@ -53,6 +67,7 @@ async def test_the_demo_scenario_ends_as_expected(
         database={"url": sqlite_url},
         engine={"model_path": str(make_tiny_model(tmp_path / "tiny")), "device": "cpu"},
         storage={"prefix": f"demo-{uuid.uuid4().hex[:8]}"},
+        plugins=demo_plugins(),
     )
     engine = create_ledger_engine(settings.database)
     # An operator's override of bob's day: the demo must put it back afterwards.
@@ -60,12 +75,18 @@ async def test_the_demo_scenario_ends_as_expected(
         user_subject("bob"), images_per_day=7, images_per_month=None, actor="test"
     )
     wiring = build(settings)
+    (sinks_job,) = [job for job in wiring.periodic if job.name == RESULT_SINKS_JOB]
     run_id = f"t{uuid.uuid4().hex[:8]}"
     try:
         async with running_worker(settings, wiring.ports):
             with bob_quota(settings, 2, run_id):
                 rows = await run_scenario(
-                    settings, secrets_dir=secrets, run_id=run_id, bob_batch=4, timeout_s=90
+                    settings,
+                    secrets_dir=secrets,
+                    run_id=run_id,
+                    bob_batch=4,
+                    timeout_s=90,
+                    run_sinks=sinks_job.run,
                 )
     finally:
         for close in wiring.closers:
@@ -82,6 +103,7 @@ async def test_the_demo_scenario_ends_as_expected(
     store = ObjectStore(settings.storage)
     keys = [key for r in rows for key in r.keys]
     assert len(keys) == 1 + 2
+    assert [r.renditions for r in rows if r.kind == "hero"] == [("social", "thumb")]
     assert_signed_by_the_local_root(store, keys)
     try:
         bob = QuotaLedger(engine).usage(user_subject("bob"))

@@ -10,12 +10,19 @@ from zimage_pipeline.demo import build_plan
 from zimage_pipeline.demo_table import MISSING, Outcome, expected_outcomes, print_table
 
 
-def _result(status: str, reason: str | None = None, keys: tuple[str, ...] = ()) -> dict[str, Any]:
-    return {"status": status, "reason": reason, "images": [{"key": k} for k in keys]}
+def _result(
+    status: str,
+    reason: str | None = None,
+    keys: tuple[str, ...] = (),
+    renditions: tuple[str, ...] = ("thumb",),
+) -> dict[str, Any]:
+    images = [{"key": k, "renditions": [{"name": n} for n in renditions]} for k in keys]
+    return {"status": status, "reason": reason, "images": images}
 
 
-def _rows(bob_ok: int, bob_denied: int, *, dlq: bool = True) -> list[Outcome]:
-    rows = [Outcome.of("hero", "cms-publisher", "r-hero", _result("succeeded", keys=("k/0.webp",)))]
+def _rows(bob_ok: int, bob_denied: int, *, dlq: bool = True, signed: bool = True) -> list[Outcome]:
+    hero = _result("succeeded", keys=("k/0.webp",), renditions=("thumb", "social"))
+    rows = [Outcome.of("hero", "cms-publisher", "r-hero", hero)]
     rows += [
         Outcome.of("bob batch", "bob", f"r-bob-{n}", _result("succeeded", keys=(f"b/{n}.png",)))
         for n in range(bob_ok)
@@ -25,6 +32,10 @@ def _rows(bob_ok: int, bob_denied: int, *, dlq: bool = True) -> list[Outcome]:
         for n in range(bob_denied)
     ]
     rows.append(Outcome.of("carol", "carol", "r-carol", _result("rejected", "NOT_AUTHORIZED")))
+    refused = _result("rejected", "PROMPT_REFUSED")
+    rows.append(Outcome.of("refused prompt", "cms-publisher", "r-refused", refused))
+    named = [r.request_id for r in rows]
+    rows += [Outcome.webhook(rid, 1, signed) for rid in named]
     rows.append(
         Outcome.of(
             "malformed", "pim-sync", "r-bad", _result("rejected", "INVALID_REQUEST"), dlq=dlq
@@ -45,6 +56,7 @@ def test_matching_outcomes_pass(capsys: pytest.CaptureFixture[str]) -> None:
         _rows(4, 1),  # the quota let one too many through
         _rows(3, 2, dlq=False),  # the malformed message was not dead-lettered
         _rows(3, 1),  # an outcome is missing
+        _rows(3, 2, signed=False),  # a webhook delivery's signature did not check out
     ],
 )
 def test_any_difference_fails(rows: list[Outcome], capsys: pytest.CaptureFixture[str]) -> None:
@@ -63,7 +75,7 @@ def test_a_timeout_and_a_success_without_images_are_differences() -> None:
 def test_the_plan_has_unique_ids_under_the_run_and_one_malformed_message() -> None:
     plan = build_plan("run-1", bob_batch=5)
     ids = [rid for _, _, rid, _ in plan.publications]
-    assert len(set(ids)) == len(ids) == 1 + 5 + 1 + 1
+    assert len(set(ids)) == len(ids) == 1 + 5 + 1 + 1 + 1  # hero, batch, carol, refused, junk
     assert all(rid.startswith("run-1-") for rid in ids)
     assert [body for kind, _, _, body in plan.publications if kind == "malformed"] == [
         b"<sku>not json</sku>"

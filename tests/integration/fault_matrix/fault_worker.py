@@ -18,6 +18,11 @@ only (the production package knows nothing of it):
                                         is published
                        "after_publish"  SIGKILL once the broker confirmed the result,
                                         before the delivery is acked
+                       "mid_renditions" SIGKILL once the first rendition object is
+                                        uploaded (others may be in flight), before
+                                        the audit record and the ledger commit
+                       "mid_webhook"    SIGKILL once a webhook POST was answered, before
+                                        the outbox records the delivery
 
 Each fault prints one `FAULT ...` line on stderr first, so the test's log shows where the
 process died.
@@ -41,7 +46,7 @@ from zimage_pipeline.ports import Engine, ImageSpec, ModelIdentity, RawImage, St
 from zimage_pipeline.settings import load_settings
 from zimage_pipeline.wiring import Wiring
 
-KILL_POINTS = ("after_store", "before_publish", "after_publish")
+KILL_POINTS = ("after_store", "before_publish", "after_publish", "mid_renditions", "mid_webhook")
 
 
 def die(where: str) -> None:
@@ -106,6 +111,35 @@ def patch_publishing(kill: str) -> None:
     setattr(Worker, "_publish_result", publish)  # noqa: B010 (a method, patched on purpose)
 
 
+def patch_rendition_upload() -> None:
+    """Die right after the first rendition object is in the store."""
+    from zimage_pipeline.storage import ObjectStore
+
+    original = ObjectStore.put_object
+
+    def put_object(self: ObjectStore, key: str, data: bytes, **kwargs: Any) -> Any:
+        stored = original(self, key, data, **kwargs)
+        if "rendition" in (kwargs.get("metadata") or {}):
+            die(f"after uploading the rendition {key.rsplit('/', 2)[-2:]}, mid-store")
+        return stored
+
+    setattr(ObjectStore, "put_object", put_object)  # noqa: B010 (patched on purpose)
+
+
+def patch_webhook_delivery() -> None:
+    """Die once a webhook POST was answered, before the outbox hears of it."""
+    from zimage_pipeline.plugins.api import SinkDelivery
+    from zimage_pipeline.plugins.webhook import WebhookSink
+
+    original = WebhookSink.deliver
+
+    def deliver(self: WebhookSink, delivery: SinkDelivery) -> None:
+        original(self, delivery)
+        die(f"after delivering {delivery.delivery_id} (attempt {delivery.attempt})")
+
+    setattr(WebhookSink, "deliver", deliver)  # noqa: B010 (patched on purpose)
+
+
 def inject(wiring: Wiring, faults: Mapping[str, Any]) -> Wiring:
     ports = wiring.ports
     delay_s, crash_on = float(faults.get("generate_delay_s", 0)), faults.get("crash_on_prompt")
@@ -123,6 +157,10 @@ def inject(wiring: Wiring, faults: Mapping[str, Any]) -> Wiring:
         raise SystemExit(f"unknown kill point {kill!r}; one of {KILL_POINTS}")
     if kill == "after_store":
         ports = replace(ports, store=KillAfterStore(ports.store))
+    elif kill == "mid_renditions":
+        patch_rendition_upload()
+    elif kill == "mid_webhook":
+        patch_webhook_delivery()
     elif kill is not None:
         patch_publishing(kill)
     return replace(wiring, ports=ports)

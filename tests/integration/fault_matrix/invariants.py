@@ -11,8 +11,9 @@ the results it saw published:
    counter's `used` is the sum of the commits it covers;
 3. no reservation is left open (`reserved`, or `expired` by a lease running out);
 4. objects, ledger and audit match one to one: the keys under the prefix are exactly the
-   keys the succeeded results name (images and audit records, same SHA-256, same
-   request), and each such request's `stored` audit events name exactly those keys;
+   keys the succeeded results name (images, their renditions and audit records, same
+   SHA-256, same request), and each such request's `stored` audit events name exactly
+   those keys;
 5. the audit chain verifies (the project's own verifier, anchors included);
 6. the broker side (when observed, `World.broker`): every request message a client
    published got exactly one result (a duplicate message is answered too, by a
@@ -163,8 +164,18 @@ def normalized(result: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
+def result_digests(result: Mapping[str, Any]) -> dict[str, str]:
+    """Each image's and each of its renditions' key, with the digest the result gives."""
+    digests: dict[str, str] = {}
+    for image in result.get("images") or []:
+        digests[str(image["key"])] = str(image["sha256"])
+        for rendition in image.get("renditions") or []:
+            digests[str(rendition["key"])] = str(rendition["sha256"])
+    return digests
+
+
 def result_keys(result: Mapping[str, Any]) -> set[str]:
-    keys = {str(image["key"]) for image in result.get("images") or []}
+    keys = set(result_digests(result))
     if result.get("audit_record_key"):
         keys.add(str(result["audit_record_key"]))
     return keys
@@ -172,6 +183,7 @@ def result_keys(result: Mapping[str, Any]) -> set[str]:
 
 def stored_keys(payload: Mapping[str, Any]) -> set[str]:
     keys = {str(o["key"]) for o in payload.get("objects") or []}
+    keys |= {str(r["key"]) for r in payload.get("renditions") or []}
     if payload.get("audit_record_key"):
         keys.add(str(payload["audit_record_key"]))
     return keys
@@ -345,8 +357,7 @@ def _objects(world: World) -> list[str]:
             if key in owner:
                 problems.append(f"{key}: named by both {owner[key]} and {rid}")
             owner[key] = rid
-        for image in job.result.get("images") or []:
-            digests[str(image["key"])] = str(image["sha256"])
+        digests.update(result_digests(job.result))
     for key in sorted(set(world.objects) - set(owner)):
         problems.append(f"{key}: orphan object (no succeeded request names it)")
     for key in sorted(set(owner) - set(world.objects)):

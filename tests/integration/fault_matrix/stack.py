@@ -79,7 +79,17 @@ def matrix_settings(tiny_model: Path, ledger_url: str, **sections: Mapping[str, 
     return load_settings(**defaults)
 
 
-SECTIONS = ("broker", "worker", "database", "engine", "storage", "directory", "policy", "audit")
+SECTIONS = (
+    "broker",
+    "worker",
+    "database",
+    "engine",
+    "storage",
+    "directory",
+    "policy",
+    "audit",
+    "plugins",
+)
 
 
 def overrides_of(settings: Settings) -> dict[str, Any]:

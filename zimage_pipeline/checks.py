@@ -9,7 +9,6 @@ but is configured in a way an operator should know about (C2PA signing off).
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -156,30 +155,21 @@ def check_object_store(settings: Settings) -> CheckResult:
 
 
 def check_model(settings: Settings) -> CheckResult:
+    """The model path through the worker's own layout checks (engine.loader), without
+    loading weights or downloading anything."""
+    from zimage_pipeline.engine.errors import UnsupportedModelLayout
+    from zimage_pipeline.engine.loader import PIPELINE_CLASS, classify_location
+
     location = settings.engine.model_path
-    path = Path(location)
-    if path.is_dir():
-        index = path / "model_index.json"
-        if not index.is_file():
-            return CheckResult(
-                "model", False, f"{path}: no model_index.json (not a diffusers layout)"
-            )
-        try:
-            pipeline_class = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "?")
-        except (OSError, ValueError) as exc:
-            return CheckResult("model", False, f"{index}: unreadable: {exc}")
-        return CheckResult("model", True, f"{path} ({pipeline_class})")
-    if path.exists():
-        return CheckResult("model", False, f"{path}: not a directory")
-    if location.count("/") == 1 and not location.startswith((".", "/")):
+    try:
+        kind = classify_location(location)
+    except UnsupportedModelLayout as exc:
+        return CheckResult("model", False, str(exc))
+    if kind == "repo":
         return CheckResult(
             "model", True, f"{location}: Hugging Face repo id (fetched at load time)"
         )
-    return CheckResult(
-        "model",
-        False,
-        f"{path}: not found (build a test model with `zimage-pipeline model make-tiny`)",
-    )
+    return CheckResult("model", True, f"{Path(location).expanduser()} ({PIPELINE_CLASS})")
 
 
 C2PA_OFF = (

@@ -17,7 +17,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from zimage_pipeline.engine.config import SDPA, SDPA_CUDNN, EngineConfig, Placement
 from zimage_pipeline.engine.errors import ModelLoadError, UnsupportedModelLayout
@@ -74,25 +74,36 @@ def check_layout(directory: Path) -> None:
         raise UnsupportedModelLayout(f"{directory}: missing components: {', '.join(missing)}")
 
 
-def locate_model(config: EngineConfig) -> ModelLocation:
-    location = config.model_path
+def classify_location(location: str) -> Literal["directory", "repo"]:
+    """What `engine.model_path` names, after the checks that need no download: a
+    directory holding a diffusers ZImagePipeline, or a Hugging Face repo id; anything
+    else raises UnsupportedModelLayout. `check` calls this too, so it refuses exactly
+    what the worker would refuse at startup."""
     path = Path(location).expanduser()
     if path.is_file():
         raise _single_file_error(path)
     if path.is_dir():
         check_layout(path)
+        return "directory"
+    if _REPO_ID.match(location) and not location.startswith("."):
+        return "repo"
+    raise UnsupportedModelLayout(
+        f"{location}: neither a directory nor a Hugging Face repo id "
+        "(build a test model with `zimage-pipeline model make-tiny DIR`)"
+    )
+
+
+def locate_model(config: EngineConfig) -> ModelLocation:
+    location = config.model_path
+    path = Path(location).expanduser()
+    if classify_location(location) == "directory":
         hub = _HUB_SNAPSHOT.search(path.resolve().as_posix())
         if hub:  # a snapshot inside a Hugging Face cache: keep the repo's name and commit
             name, revision = f"{hub['org']}/{hub['name']}", hub["rev"]
         else:
             name, revision = path.resolve().name, config.revision
         return ModelLocation(directory=path, name=name, revision=revision, source="local")
-    if _REPO_ID.match(location) and not location.startswith("."):
-        return _download(location, config.revision)
-    raise UnsupportedModelLayout(
-        f"{location}: neither a directory nor a Hugging Face repo id "
-        "(build a test model with `zimage-pipeline model make-tiny DIR`)"
-    )
+    return _download(location, config.revision)
 
 
 def _download(repo_id: str, revision: str | None) -> ModelLocation:

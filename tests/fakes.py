@@ -334,7 +334,9 @@ class FakeStore:
     def _put(self, key: str, data: bytes) -> StoredObjectRef:
         import hashlib
 
-        self.objects[key] = data
+        # Like S3Store: what an earlier attempt of the request stored under its key is
+        # kept (adopted), never overwritten.
+        data = self.objects.setdefault(key, data)
         return StoredObjectRef("fake", key, None, hashlib.sha256(data).hexdigest(), len(data))
 
     def discard(self, *, request_id: str, created_at: datetime) -> list[str]:
@@ -363,6 +365,10 @@ class FakeAudit:
             self.events.append((request_id, event_type))
 
     def append_many(self, records: Sequence[AuditRecord]) -> None:
+        # All or nothing, like the chain's one transaction.
+        unknown = [r.event_type for r in records if r.event_type not in EVENT_TYPES]
+        if unknown:
+            raise AuditError(f"unknown audit event type {unknown[0]!r}")
         for r in records:
             self.append(
                 request_id=r.request_id, event_type=r.event_type, actor=r.actor, payload=r.payload

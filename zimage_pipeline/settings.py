@@ -441,6 +441,10 @@ class PluginsSettings(BaseModel):
     # Delivered and dead outbox rows are deleted this long after they ended (what was
     # delivered stays in the audit trail; `audit show` lists deliveries until then).
     sink_retention_days: int = Field(default=30, ge=1)
+    # How long a worker's claim on a due delivery lasts: a worker killed mid-delivery
+    # holds its rows this long before another delivers them again. It must outlast a
+    # batch's deliveries (5 rows x URLs x the sink's timeout), or rows are sent twice.
+    sink_lease_s: float = Field(default=300.0, gt=0)
 
     @model_validator(mode="after")
     def _tables_only(self) -> Self:

@@ -96,7 +96,12 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
     # receiver that is down or slow never holds a delivery or the GPU.
     outbox = SinkOutbox(ledger)
     dispatcher = (
-        OutboxDispatcher(outbox, plugins.result_sinks, worker_id=worker_id)
+        OutboxDispatcher(
+            outbox,
+            plugins.result_sinks,
+            worker_id=worker_id,
+            lease_s=settings.plugins.sink_lease_s,
+        )
         if plugins.result_sinks
         else None
     )

@@ -5,9 +5,9 @@ delivered again under the same delivery id (the receiver drops the repeat), neve
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -25,14 +25,14 @@ from tests.integration.test_webhook_outbox import Receiver, receiver
 from tests.integration.worker_harness import client, running_worker
 from zimage_pipeline.ledger.db import create_ledger_engine
 from zimage_pipeline.ledger.outbox import DeliveryState, SinkOutbox
-from zimage_pipeline.ledger.txn import utcnow
 from zimage_pipeline.plugins.webhook import verify_signature
 from zimage_pipeline.storage import ObjectStore
-from zimage_pipeline.wiring.sinks import DEFAULT_LEASE_S, OutboxDispatcher
+from zimage_pipeline.worker.periodic import RESULT_SINKS_JOB
 
 pytestmark = pytest.mark.integration
 __all__ = ["receiver"]  # the HTTP receiver fixture of the outbox tests
 
+LEASE_S = 3.0  # the victim's claim on its delivery; short, so the case does not wait 300 s
 RENDITIONS = {
     "enabled": True,
     "default": ["thumb"],
@@ -93,7 +93,8 @@ async def test_kill_9_mid_webhook_delivery_delivers_again_under_the_same_id(
 ) -> None:
     secret = "whsec-fault-matrix"
     webhook = {"enabled": True, "urls": [receiver.url], "secret": secret, "max_attempts": 3}
-    settings = matrix_settings(tiny_model, postgres_url, plugins={"webhook": webhook})
+    plugins = {"webhook": webhook, "sink_lease_s": LEASE_S}
+    settings = matrix_settings(tiny_model, postgres_url, plugins=plugins)
     rid = "kill-mid-webhook"
     victim = WorkerProcess(
         settings, tmp_path / "victim.log", worker_id="victim", faults={"kill": "mid_webhook"}
@@ -116,17 +117,15 @@ async def test_kill_9_mid_webhook_delivery_delivers_again_under_the_same_id(
             (row,) = outbox.deliveries(rid)
             assert row.state is DeliveryState.PENDING
 
-            # The victim's claim runs out after its lease; any worker's dispatcher then
-            # delivers the row again (here: the clock moved past the lease).
-            later = utcnow() + timedelta(seconds=DEFAULT_LEASE_S + 1)
-            rescuer = OutboxDispatcher(
-                outbox,
-                wiring.ports.plugins.result_sinks,
-                worker_id="rescuer",
-                clock=lambda: later,
-            )
-            assert rescuer.run_once() == 1
-            await wait_until(lambda: len(receiver.requests) == 2, "the second delivery")
+            # The victim's claim runs out after its lease (plugins.sink_lease_s); any
+            # worker's result_sinks job then delivers the row again.
+            (sinks_job,) = [j for j in wiring.periodic if j.name == RESULT_SINKS_JOB]
+
+            async def delivered_again() -> bool:
+                await asyncio.to_thread(sinks_job.run)
+                return len(receiver.requests) == 2
+
+            await wait_until(delivered_again, "the delivery again after the lease")
             (row,) = outbox.deliveries(rid)
     finally:
         victim.stop()

@@ -18,6 +18,7 @@ from PIL import Image
 from zimage_pipeline.audit.chain import EVENT_TYPES
 from zimage_pipeline.audit.errors import AuditError
 from zimage_pipeline.errors import DependencyUnavailable, RequestRejectedError
+from zimage_pipeline.ids import scoped_key
 from zimage_pipeline.messages import CancelOutcome, GenerationRequest, ImageFormat, Priority
 from zimage_pipeline.ports import (
     AuditRecord,
@@ -50,7 +51,14 @@ GENEROUS = Limits(
 )
 
 
+TOMBSTONE = "cancelled-before-arrival"  # the payload digest of a cancel's row (LedgerJobs)
+
+
 class FakeJobs:
+    """The Jobs port in memory, held to LedgerJobs by tests/integration/test_port_contracts:
+    ids are per publisher (FOREIGN), a cancel may arrive before its request (a tombstone
+    row), and no publisher's cancel touches another's request. Never BUSY (busy_s = 0)."""
+
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.rows: dict[str, dict[str, Any]] = {}
@@ -66,9 +74,22 @@ class FakeJobs:
     ) -> JobBegin:
         with self.lock:
             row = self.rows.get(request_id)
+            if row is not None and row["sha"] == TOMBSTONE:
+                if row["principal"] in (principal, on_behalf_of):
+                    return JobBegin(
+                        BeginKind.TERMINAL,
+                        row["attempts"],
+                        row["created_at"],
+                        row["result"],
+                        cancelled_on_arrival=True,
+                    )
+                # Another publisher's cancel is no claim on the id: it moves to its key.
+                self.rows[scoped_key(request_id, row["principal"])] = self.rows.pop(request_id)
+                row = None
             if row is None:
                 self.rows[request_id] = {
                     "principal": principal,
+                    "on_behalf_of": on_behalf_of,
                     "sha": payload_sha256,
                     "status": "received",
                     "attempts": 1,
@@ -76,12 +97,10 @@ class FakeJobs:
                     "result": None,
                 }
                 return JobBegin(BeginKind.NEW, 1, self.rows[request_id]["created_at"])
-            if row["status"] == "cancelled":
-                return JobBegin(
-                    BeginKind.TERMINAL, row["attempts"], row["created_at"], row["result"]
-                )
+            if row["principal"] != principal:
+                return JobBegin(BeginKind.FOREIGN, row["attempts"], row["created_at"])
             if row["sha"] != payload_sha256:
-                return JobBegin(BeginKind.CONFLICT)
+                return JobBegin(BeginKind.CONFLICT, row["attempts"], row["created_at"])
             if row["result"] is not None:
                 return JobBegin(
                     BeginKind.TERMINAL, row["attempts"], row["created_at"], row["result"]
@@ -124,9 +143,9 @@ class FakeJobs:
     ) -> bool:
         with self.lock:
             row = self.rows[request_id]
-            if row["sha"] == payload_sha256:
+            if row["sha"] != TOMBSTONE:
                 return False
-            row.update(sha=payload_sha256, result=dict(result))
+            row.update(sha=payload_sha256, on_behalf_of=on_behalf_of, result=dict(result))
             return True
 
     def owner(self, request_id: str) -> str | None:
@@ -137,25 +156,40 @@ class FakeJobs:
     def cancel(self, request_id: str, *, principal: str) -> CancelDecision:
         with self.lock:
             row = self.rows.get(request_id)
-            if row is not None and row["status"] not in ("received", "cancelled"):
-                return CancelDecision(CancelOutcome.TOO_LATE, request_id)
-            result = {
-                "schema": "zimage.result/v1",
-                "request_id": request_id,
-                "status": "cancelled",
-                "reason": "CANCELLED",
-                "message": "cancelled before it started",
-                "finished_at": datetime.now(UTC).isoformat(),
-            }
-            self.rows[request_id] = {
-                "sha": "",
+            if row is not None and principal not in (row["principal"], row["on_behalf_of"]):
+                if row["sha"] != TOMBSTONE:  # another publisher's request: cancel our own
+                    key = scoped_key(request_id, principal)
+                    return CancelDecision(self._cancel_key(key, principal), key)
+                self.rows[scoped_key(request_id, row["principal"])] = self.rows.pop(request_id)
+            return CancelDecision(self._cancel_key(request_id, principal), request_id)
+
+    def _cancel_key(self, key: str, principal: str) -> CancelOutcome:
+        result = {
+            "schema": "zimage.result/v1",
+            "request_id": key,
+            "status": "cancelled",
+            "reason": "CANCELLED",
+            "message": "cancelled before it started",
+            "finished_at": datetime.now(UTC).isoformat(),
+        }
+        row = self.rows.get(key)
+        if row is None:
+            self.rows[key] = {
+                "principal": principal,
+                "on_behalf_of": principal,
+                "sha": TOMBSTONE,
                 "status": "cancelled",
                 "attempts": 0,
                 "created_at": datetime.now(UTC),
                 "result": result,
             }
-            outcome = CancelOutcome.CANCELLED if row is not None else CancelOutcome.PENDING
-            return CancelDecision(outcome, request_id)
+            return CancelOutcome.PENDING
+        if row["status"] == "cancelled":
+            return CancelOutcome.CANCELLED
+        if row["status"] != "received":
+            return CancelOutcome.TOO_LATE
+        row.update(status="cancelled", result=result)
+        return CancelOutcome.CANCELLED
 
 
 @dataclass

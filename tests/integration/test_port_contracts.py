@@ -2,8 +2,8 @@
 adapter on the real service, so the fakes cannot drift from what production does (a
 fake that accepted an audit event type the ledger refuses hid a broken feature once).
 
-Covered: the Store port (FakeStore / S3Store on SeaweedFS) and the Audit port (FakeAudit
-/ the audit chain on SQLite and PostgreSQL). Each implementation comes with a reader of
+Covered: the Store port (FakeStore / S3Store on SeaweedFS), the Audit port (FakeAudit /
+the audit chain) and the Jobs port (FakeJobs / LedgerJobs), the last two on SQLite. Each implementation comes with a reader of
 what it holds, which is all that differs between the two."""
 
 from __future__ import annotations
@@ -17,19 +17,30 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import select
 
-from tests.fakes import FakeAudit, FakeStore
+from tests.fakes import FakeAudit, FakeJobs, FakeStore
 from tests.integration.s3_support import storage_settings
 from zimage_pipeline.audit.chain import AuditLog
 from zimage_pipeline.audit.errors import AuditError
 from zimage_pipeline.decoding import decode_request
 from zimage_pipeline.ledger import migrate
 from zimage_pipeline.ledger.db import create_ledger_engine
+from zimage_pipeline.ledger.jobs import JobStore
 from zimage_pipeline.ledger.models import AuditEventRow
-from zimage_pipeline.messages import GenerationRequest, ImageFormat
-from zimage_pipeline.ports import Audit, AuditRecord, EncodedDerived, EncodedImage, Store
+from zimage_pipeline.messages import CancelOutcome, GenerationRequest, ImageFormat
+from zimage_pipeline.ports import (
+    Audit,
+    AuditRecord,
+    BeginKind,
+    EncodedDerived,
+    EncodedImage,
+    JobBegin,
+    Jobs,
+    Store,
+)
 from zimage_pipeline.settings import DatabaseSettings
 from zimage_pipeline.storage import ObjectStore
 from zimage_pipeline.wiring import AuditAdapter
+from zimage_pipeline.wiring.jobs import LedgerJobs
 from zimage_pipeline.wiring.outputs import S3Store
 
 pytestmark = pytest.mark.integration
@@ -205,3 +216,69 @@ def test_audit_refuses_an_unknown_event_type_and_writes_nothing_of_the_batch(
             ]
         )
     assert events("c-2") == []
+
+
+# -- the Jobs port -------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["fake", "ledger"])
+def jobs_under_test(request: pytest.FixtureRequest) -> Iterator[Jobs]:
+    """Jobs without a busy window (busy_s = 0): a second begin is a takeover."""
+    if request.param == "fake":
+        yield FakeJobs()
+        return
+    engine = create_ledger_engine(DatabaseSettings(url=str(request.getfixturevalue("sqlite_url"))))
+    migrate.upgrade(engine)
+    yield LedgerJobs(JobStore(engine), busy_s=0.0)
+    engine.dispose()
+
+
+def begin(jobs: Jobs, rid: str, *, principal: str = "cms", digest: str = "a" * 64) -> JobBegin:
+    return jobs.begin(
+        request_id=rid,
+        payload_sha256=digest,
+        principal=principal,
+        on_behalf_of="alice",
+        worker_id="w1",
+    )
+
+
+def test_a_new_id_is_new_and_held_by_its_publisher(jobs_under_test: Jobs) -> None:
+    jobs = jobs_under_test
+    first = begin(jobs, "j-1")
+    assert (first.kind, first.attempts) == (BeginKind.NEW, 1)
+    assert jobs.owner("j-1") == "cms" and jobs.owner("j-none") is None
+    assert jobs.terminal_result("j-1") is None
+    again = begin(jobs, "j-1")  # the same request, not finished: taken over
+    assert (again.kind, again.attempts) == (BeginKind.NEW, 2)
+
+
+def test_another_payload_conflicts_and_another_publisher_is_foreign(
+    jobs_under_test: Jobs,
+) -> None:
+    jobs = jobs_under_test
+    begin(jobs, "j-2")
+    assert begin(jobs, "j-2", digest="b" * 64).kind is BeginKind.CONFLICT
+    assert begin(jobs, "j-2", principal="pim").kind is BeginKind.FOREIGN
+    assert jobs.owner("j-2") == "cms"  # nobody takes the id over
+
+
+def test_a_cancel_before_arrival_answers_its_request_when_it_comes(jobs_under_test: Jobs) -> None:
+    jobs = jobs_under_test
+    decision = jobs.cancel("j-3", principal="cms")
+    assert (decision.outcome, decision.key) == (CancelOutcome.PENDING, "j-3")
+    arrived = begin(jobs, "j-3")
+    assert arrived.kind is BeginKind.TERMINAL and arrived.cancelled_on_arrival
+    assert arrived.result is not None and arrived.result["status"] == "cancelled"
+
+
+def test_a_cancel_never_touches_another_publishers_request(jobs_under_test: Jobs) -> None:
+    jobs = jobs_under_test
+    begin(jobs, "j-4")
+    decision = jobs.cancel("j-4", principal="pim")  # pim's own j-4, keyed apart
+    assert decision.key != "j-4"
+    assert begin(jobs, "j-4").kind is BeginKind.NEW  # cms's request goes on
+    assert jobs.cancel("j-4", principal="cms").outcome is CancelOutcome.CANCELLED
+    stopped = begin(jobs, "j-4")
+    assert stopped.kind is BeginKind.TERMINAL and stopped.result is not None
+    assert stopped.result["status"] == "cancelled"

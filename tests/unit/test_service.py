@@ -333,13 +333,18 @@ async def test_refusals_of_a_message_never_speak_for_someone_elses_request() -> 
         Status.SUCCEEDED
     )
     trail = [e for e in ports.audit.events if e[0] == "owned-1"]  # type: ignore[attr-defined]
-    # The same id without a publisher, or reused by another publisher for another body:
-    for principal, payload in ((None, body("owned-1")), ("bob", body("owned-1", prompt="x"))):
+    # The same id without a publisher, or reused by its publisher for another body:
+    for principal, payload in ((None, body("owned-1")), ("alice", body("owned-1", prompt="x"))):
         outcome = await service.handle(payload, principal=principal)
         assert outcome.dead_letter and outcome.result.request_id == ""
         assert outcome.result.claimed_request_id == "owned-1"
         assert outcome.result.reason in ("UNAUTHENTICATED_PUBLISHER", "REQUEST_ID_CONFLICT")
         await service.record_published(outcome.result, principal=principal or "")
+    # Another publisher's request under the id is its own, keyed apart (as LedgerJobs does;
+    # the fake said REQUEST_ID_CONFLICT here until the port contract held it to the ledger).
+    foreign = await service.handle(body("owned-1", prompt="x"), principal="bob")
+    assert foreign.result.request_id == "owned-1" and foreign.ledger_key != "owned-1"
+    await service.record_published(foreign.result, principal="bob", ledger_key=foreign.ledger_key)
     assert [e for e in ports.audit.events if e[0] == "owned-1"] == trail  # type: ignore[attr-defined]
 
 

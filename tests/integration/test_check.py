@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PROJECT_ROOT, require_env
+from zimage_pipeline.engine.loader import COMPONENTS
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +36,8 @@ def ready_env(tmp_path: Path) -> dict[str, str]:
     model = tmp_path / "model"
     model.mkdir()
     (model / "model_index.json").write_text('{"_class_name": "ZImagePipeline"}', encoding="utf-8")
+    for component in COMPONENTS:  # the layout the worker checks before loading weights
+        (model / component).mkdir()
     env = {"ZIMAGE_DATABASE__URL": db_url, "ZIMAGE_ENGINE__MODEL_PATH": str(model)}
     subprocess.run(
         [sys.executable, "-m", "zimage_pipeline.cli", "db", "upgrade"],

@@ -88,8 +88,8 @@ def classify_location(location: str) -> Literal["directory", "repo"]:
     if _REPO_ID.match(location) and not location.startswith("."):
         return "repo"
     raise UnsupportedModelLayout(
-        f"{location}: neither a directory nor a Hugging Face repo id "
-        "(build a test model with `zimage-pipeline model make-tiny DIR`)"
+        f"{location}: not found (neither a directory nor a Hugging Face repo id; "
+        "build a test model with `zimage-pipeline model make-tiny DIR`)"
     )
 
 

@@ -109,16 +109,7 @@ def mark_image(
     an unmarked image must never be stored."""
     if fmt not in ("png", "webp", "jpeg"):
         raise ProvenanceError(f"unsupported image format {fmt!r}")
-    created_at = info.created_at or datetime.now(UTC)
-    packet = build_packet(
-        request_id=info.request_id,
-        model_identity=info.model_identity,
-        creator_tool=info.creator_tool,
-        created_at=created_at,
-        image_index=info.image_index,
-        seed=info.seed,
-    )
-    marked = embed_xmp(data, fmt, packet)
+    marked = embed_xmp(data, fmt, _packet(info))
     if c2pa is None:
         return marked
     return c2pa_manifest.sign(
@@ -127,13 +118,32 @@ def mark_image(
         title=f"{info.request_id}-{info.image_index}.{fmt}",
         creator_tool=info.creator_tool,
         model_identity=info.model_identity,
-        request={
-            "request_id": info.request_id,
-            "image_index": info.image_index,
-            "model": info.model_identity,
-        },
+        request=_claimed_request(info),
         config=c2pa,
     )
+
+
+def _packet(info: ProvenanceInfo, **derived: str) -> bytes:
+    """The XMP packet of `info`; `derived` (source_sha256, rendition) for a rendition."""
+    return build_packet(
+        request_id=info.request_id,
+        model_identity=info.model_identity,
+        creator_tool=info.creator_tool,
+        created_at=info.created_at or datetime.now(UTC),
+        image_index=info.image_index,
+        seed=info.seed,
+        **derived,
+    )
+
+
+def _claimed_request(info: ProvenanceInfo, **extra: str) -> dict[str, Any]:
+    """What the C2PA manifest says about the request that made the image."""
+    return {
+        "request_id": info.request_id,
+        "image_index": info.image_index,
+        "model": info.model_identity,
+        **extra,
+    }
 
 
 def mark_derived(
@@ -155,17 +165,7 @@ def mark_derived(
     for value in (fmt, parent_format):
         if value not in get_args(DerivedFormat):
             raise ProvenanceError(f"unsupported image format {value!r}")
-    created_at = info.created_at or datetime.now(UTC)
-    packet = build_packet(
-        request_id=info.request_id,
-        model_identity=info.model_identity,
-        creator_tool=info.creator_tool,
-        created_at=created_at,
-        image_index=info.image_index,
-        seed=info.seed,
-        source_sha256=hashlib.sha256(parent).hexdigest(),
-        rendition=name,
-    )
+    packet = _packet(info, source_sha256=hashlib.sha256(parent).hexdigest(), rendition=name)
     marked = embed_xmp(data, fmt, packet)
     if c2pa is None:
         return marked
@@ -176,12 +176,7 @@ def mark_derived(
         title=f"{original}-{name}.{fmt}",
         creator_tool=info.creator_tool,
         model_identity=info.model_identity,
-        request={
-            "request_id": info.request_id,
-            "image_index": info.image_index,
-            "model": info.model_identity,
-            "rendition": name,
-        },
+        request=_claimed_request(info, rendition=name),
         config=c2pa,
         parent=Parent(parent, parent_format, f"{original}.{parent_format}"),
         edits=edits,

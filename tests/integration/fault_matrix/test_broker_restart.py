@@ -126,4 +126,7 @@ async def test_broker_restart_mid_stream_consumers_return_nothing_lost(
             await tap.wait_for(*ids, timeout_s=120)
     assert {tap.first(r)["status"] for r in ids} == {"succeeded"}
     assert counting.images == len(ids)  # a redelivery republishes, never regenerates
-    assert_invariants(settings, tap, expected=set(ids))
+    # A delivery whose ack the restart lost comes back and is answered again (the stored
+    # result republished, nothing generated: counted above), as often as a connection
+    # drops under it: at-least-once, bounded by the deliveries in flight.
+    assert_invariants(settings, tap, expected=set(ids), extra_results=BEFORE)

@@ -109,6 +109,7 @@ class StoreWithoutServer:
         images: Sequence[EncodedImage],
         audit_record: Mapping[str, Any],
         first_attempt: bool = False,
+        derived: Sequence[Any] = (),  # no post-processor runs in the benchmark
     ) -> StoredOutputs:
         refs = [
             StoredObjectRef(

@@ -226,14 +226,14 @@ def check_provenance(settings: Settings) -> CheckResult:
 def check_plugins(settings: Settings) -> CheckResult:
     """Load every enabled plugin as the worker does; the first that cannot load fails
     the check by name. Values of secret-looking settings are redacted from the text."""
-    from zimage_pipeline.plugins.registry import is_enabled, load_enabled
+    from zimage_pipeline.plugins.registry import is_enabled, is_secret_key, load_enabled
 
     tables = settings.plugins.tables()
     secrets = [
         value if isinstance(value, SecretStr) else SecretStr(str(value))
         for table in tables.values()
         for key, value in table.items()
-        if isinstance(value, str | SecretStr) and _looks_secret(key)
+        if isinstance(value, str | SecretStr) and is_secret_key(key)
     ]
     try:
         loaded = load_enabled(tables)
@@ -244,12 +244,6 @@ def check_plugins(settings: Settings) -> CheckResult:
     if disabled:
         detail += f" (configured but not enabled: {', '.join(disabled)})"
     return CheckResult("plugins", True, detail)
-
-
-def _looks_secret(key: str) -> bool:
-    from zimage_pipeline.plugins.registry import is_secret_key
-
-    return is_secret_key(key)
 
 
 ALL_CHECKS: tuple[Callable[[Settings], CheckResult], ...] = (

@@ -16,7 +16,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
@@ -53,7 +52,13 @@ from zimage_pipeline.messages import (
     Priority,
     Status,
 )
-from zimage_pipeline.plugins.api import DerivedImage, PromptSubject, SourceImage
+from zimage_pipeline.plugins.api import (
+    DERIVED_FORMATS,
+    DERIVED_NAME,
+    DerivedImage,
+    PromptSubject,
+    SourceImage,
+)
 from zimage_pipeline.plugins.registry import LoadedPlugins
 from zimage_pipeline.ports import (
     Audit,
@@ -685,8 +690,8 @@ class RequestService:
         True when something was queued (the dispatcher may run now)."""
         if self._p.outbox is None or not result.request_id:
             return False
-        # The event exactly as published on AMQP (to_json_bytes), so a receiver sees one shape.
-        event = json.loads(result.to_json_bytes())
+        # The event as published on AMQP (to_json_bytes: aliases, no nulls): one shape.
+        event = result.model_dump(mode="json", by_alias=True, exclude_none=True)
         await self._io(self._p.outbox.enqueue_result, ledger_key or result.request_id, event)
         return True
 
@@ -872,9 +877,7 @@ class RequestService:
                 images=encoded,
                 audit_record=audit_record,
                 first_attempt=job.attempt == 1,
-                # Only when there are any: a Store written before renditions existed
-                # keeps working while no post-processor is enabled.
-                **({"derived": derived} if derived else {}),
+                derived=derived,
             ),
         )
         self._audit(job, "stored", stored_payload(outputs, derived))
@@ -977,10 +980,6 @@ class RequestService:
         return decision.outcome
 
 
-_DERIVED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-DERIVED_FORMATS = frozenset({"png", "webp", "jpeg", "avif"})
-
-
 def _checked_derived(plugin: str, made: object, sources: int) -> list[DerivedImage]:
     """A post-processor's output, refused as PLUGIN_FAILED unless every item is a
     DerivedImage of a real source, with a name that can be a key segment (unique per
@@ -994,7 +993,7 @@ def _checked_derived(plugin: str, made: object, sources: int) -> list[DerivedIma
         problem = None
         if not 0 <= image.source_index < sources:
             problem = f"source_index {image.source_index} out of range"
-        elif ".." in image.name or not _DERIVED_NAME.fullmatch(image.name):
+        elif ".." in image.name or not DERIVED_NAME.fullmatch(image.name):
             problem = f"name {image.name!r:.80} is not a key segment"
         elif image.format not in DERIVED_FORMATS:
             problem = f"format {image.format!r:.20} is not one of {sorted(DERIVED_FORMATS)}"

@@ -36,7 +36,14 @@ from zimage_pipeline.errors import (
 from zimage_pipeline.ledger.jobs import ALLOWED, IllegalTransitionError, JobNotFoundError
 from zimage_pipeline.ledger.models import JobStatus
 from zimage_pipeline.messages import GenerationRequest, Status
-from zimage_pipeline.ports import AuditRecord, EncodedImage, ImageSpec, RawImage, StoredOutputs
+from zimage_pipeline.ports import (
+    AuditRecord,
+    EncodedDerived,
+    EncodedImage,
+    ImageSpec,
+    RawImage,
+    StoredOutputs,
+)
 from zimage_pipeline.results import rejected
 from zimage_pipeline.service import Ports, RequestService, ServiceConfig
 from zimage_pipeline.storage import InvalidKeyError
@@ -76,6 +83,7 @@ class KeylessStore(FakeStore):
         images: Sequence[EncodedImage],
         audit_record: Mapping[str, Any],
         first_attempt: bool = False,
+        derived: Sequence[EncodedDerived] = (),
     ) -> StoredOutputs:
         raise InvalidKeyError("not a safe id for an object key")
 

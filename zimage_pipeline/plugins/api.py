@@ -13,10 +13,11 @@ charged and nothing it left behind is kept.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 from zimage_pipeline.messages import GenerationRequest
 
@@ -69,6 +70,13 @@ class SourceImage:
     height: int
     seed: int
     sha256: str
+
+
+# What a post-processor's DerivedImage may be: one of these formats, and a name that is
+# one segment of its object key (stored as `{index}/{name}.{ext}`).
+DerivedFormat = Literal["png", "webp", "jpeg", "avif"]
+DERIVED_FORMATS: frozenset[str] = frozenset(get_args(DerivedFormat))
+DERIVED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True, slots=True)

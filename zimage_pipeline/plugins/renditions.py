@@ -51,13 +51,13 @@ from pydantic import (
 from zimage_pipeline.engine.encode import encode_image
 from zimage_pipeline.errors import ConfigError, InvalidRequestError
 from zimage_pipeline.messages import GenerationRequest
-from zimage_pipeline.plugins.api import DerivedImage, SourceImage
+from zimage_pipeline.plugins.api import DerivedFormat, DerivedImage, SourceImage
 
 MAX_SIDE = 8192  # a rendition's width or height: bounds the memory one preset can take
 PresetName = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 ]
-Format = Literal["png", "webp", "jpeg", "avif"]
+Format = DerivedFormat
 # The Pillow feature each format's encoder needs.
 _CODEC_FEATURES: dict[str, str] = {"png": "zlib", "webp": "webp", "jpeg": "jpg", "avif": "avif"}
 CENTRE = (0.5, 0.5)

@@ -149,7 +149,7 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
         else []
     )
     closers: list[Callable[[], Any]] = [
-        close for _, sink in plugins.result_sinks.items() if (close := getattr(sink, "close", None))
+        close for sink in plugins.result_sinks.values() if (close := getattr(sink, "close", None))
     ]
     return Wiring(
         ports=ports,

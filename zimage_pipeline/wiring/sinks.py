@@ -57,10 +57,6 @@ class OutboxDispatcher:
         self._batch = batch
         self._default_policy = default_policy or RetryPolicy()
 
-    @property
-    def sink_names(self) -> list[str]:
-        return list(self._sinks)
-
     def enqueue_result(self, request_key: str, event: Mapping[str, Any]) -> list[str]:
         """Queue a published result for every configured sink (ports.ResultOutbox); the
         delivery ids. Idempotent per (sink, request). Raises if the ledger cannot take

@@ -45,6 +45,8 @@ async def run_once(job: PeriodicJob, io: Executor) -> None:
 async def run_forever(job: PeriodicJob, io: Executor, wake: asyncio.Event | None = None) -> None:
     """Run `job` now and then every `every_s` (or as soon as `wake` is set), forever."""
     while True:
+        if wake is not None:
+            wake.clear()  # before the run: a wake during it makes the next run start at once
         try:
             await run_once(job, io)
         except Exception:
@@ -54,7 +56,6 @@ async def run_forever(job: PeriodicJob, io: Executor, wake: asyncio.Event | None
             continue
         with suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), job.every_s)
-        wake.clear()
 
 
 def start(

@@ -63,10 +63,17 @@ from zimage_pipeline.ledger import migrate  # noqa: E402
 from zimage_pipeline.ledger.db import create_ledger_engine  # noqa: E402
 from zimage_pipeline.ledger.quota import QuotaLedger  # noqa: E402
 from zimage_pipeline.messages import GenerationRequest  # noqa: E402
-from zimage_pipeline.ports import EncodedImage, StoredObjectRef, StoredOutputs  # noqa: E402
+from zimage_pipeline.ports import (  # noqa: E402
+    EncodedDerived,
+    EncodedImage,
+    StoredObjectRef,
+    StoredOutputs,
+)
 from zimage_pipeline.settings import Settings, load_settings  # noqa: E402
 from zimage_pipeline.storage import ObjectStore, audit_record_key, image_key, wire  # noqa: E402
+from zimage_pipeline.storage.keys import rendition_key  # noqa: E402
 from zimage_pipeline.wiring import build  # noqa: E402
+from zimage_pipeline.wiring.outputs import EXTENSIONS  # noqa: E402
 
 USER = "cms-publisher"
 
@@ -109,7 +116,7 @@ class StoreWithoutServer:
         images: Sequence[EncodedImage],
         audit_record: Mapping[str, Any],
         first_attempt: bool = False,
-        derived: Sequence[Any] = (),  # no post-processor runs in the benchmark
+        derived: Sequence[EncodedDerived] = (),  # renditions (bench/plugin_cost.py)
     ) -> StoredOutputs:
         refs = [
             StoredObjectRef(
@@ -121,8 +128,25 @@ class StoreWithoutServer:
             )
             for i, image in enumerate(images)
         ]
+        derived_refs = [
+            StoredObjectRef(
+                "bench",
+                rendition_key(
+                    self._prefix,
+                    created_at,
+                    request.request_id,
+                    d.source_index,
+                    d.name,
+                    EXTENSIONS[d.format],
+                ),
+                None,
+                wire.sha256_digests(d.data)[0],
+                len(d.data),
+            )
+            for d in derived
+        ]
         record_key = audit_record_key(self._prefix, created_at, request.request_id)
-        return StoredOutputs(images=refs, audit_record_key=record_key)
+        return StoredOutputs(images=refs, audit_record_key=record_key, derived=derived_refs)
 
     def discard(self, *, request_id: str, created_at: datetime) -> list[str]:
         return []

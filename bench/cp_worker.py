@@ -36,9 +36,9 @@ PAYLOAD = os.urandom(1_500_000)
 
 
 class StubEngine:
-    def __init__(self, generate_s: float) -> None:
+    def __init__(self, generate_s: float, pixels: Image.Image | None = None) -> None:
         self.generate_s = generate_s
-        self._pixels = Image.new("RGB", (1024, 1024))
+        self._pixels = pixels or Image.new("RGB", (1024, 1024))
         self.intervals: list[tuple[float, float]] = []  # (start, end) of each generation
 
     @property

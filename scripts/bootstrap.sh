@@ -30,7 +30,7 @@ want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]] \
     || ! "$VENV/bin/python" -c "import zimage_pipeline" >/dev/null 2>&1; then
     echo "bootstrap: installing zimage-pipeline and its dependencies"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check -e ".[dev]" 2>&1 \
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check -e ".[gpu,dev]" 2>&1 \
         | grep -v "is ignored: it is neither a file nor a directory" || true
     "$VENV/bin/python" -c "import zimage_pipeline, torch, diffusers" \
         || { echo "bootstrap: install failed" >&2; exit 1; }

@@ -28,7 +28,9 @@ if [[ ! -s .local/secrets/webhook_demo ]]; then
     (umask 077; .venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(32))' \
         >.local/secrets/webhook_demo)
 fi
-{ cat config/zimage.toml; echo; \
+# (.local/demo.toml lives one directory over: its neighbours are named from there.)
+{ sed 's|^file = "policy.toml"|file = "../config/policy.toml"|; s|^dir = "templates"|dir = "../config/templates"|' \
+    config/zimage.toml; echo; \
   sed "s|@WEBHOOK_URL@|http://127.0.0.1:$WEBHOOK_PORT/hooks/zimage|" config/demo-plugins.toml; } \
     >.local/demo.toml
 export ZIMAGE_CONFIG=.local/demo.toml

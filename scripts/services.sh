@@ -26,7 +26,7 @@ LDAP_BASE="dc=example,dc=org"
 LDAP_ADMIN_DN="cn=admin,$LDAP_BASE"
 LDAP_BIND_DN="uid=zimage-svc,ou=services,$LDAP_BASE"
 PG_DATABASE=zimage
-BUCKETS=(zimage-images zimage-audit)
+BUCKETS=(zimage-images zimage-audit zimage-inputs)
 
 log() { echo "services: $*"; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") >/dev/null 2>&1; }
@@ -64,6 +64,17 @@ rabbitmq_up() {
     rabbitmq-server -detached
     touch "$STARTED/rabbitmq"
     wait_port 5672 rabbitmq 240
+}
+
+# A delay-queue copy that expires while its target quorum queue is still recovering from a
+# broker restart is kept (at-least-once dead-lettering) and re-sent after this many ms;
+# RabbitMQ's default is 180 s, which holds such a retry three minutes. Runtime setting of
+# the running node (kept across stop_app/start_app); in production set it in
+# advanced.config (docs/deploy.md, "RabbitMQ settings").
+DEAD_LETTER_RESEND_MS=10000
+rabbitmq_tuning() {
+    rabbitmqctl -q eval "application:set_env(rabbit, dead_letter_worker_publisher_confirm_timeout, $DEAD_LETTER_RESEND_MS)." >/dev/null \
+        && log "rabbitmq: dead-letter resend interval ${DEAD_LETTER_RESEND_MS} ms"
 }
 
 # AMQP accounts: the worker's own, and one per test/demo client. RabbitMQ validates the
@@ -358,6 +369,7 @@ cmd_up() {
     mkdir -p "$STARTED" "$SECRETS"
     chmod 700 "$SECRETS"
     rabbitmq_up
+    rabbitmq_tuning
     rabbitmq_accounts
     postgres_up
     slapd_up

@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -17,9 +17,16 @@ from PIL import Image
 
 from zimage_pipeline.audit.chain import EVENT_TYPES
 from zimage_pipeline.audit.errors import AuditError
+from zimage_pipeline.engine.types import validate_spec
 from zimage_pipeline.errors import DependencyUnavailable, RequestRejectedError
 from zimage_pipeline.ids import scoped_key
-from zimage_pipeline.messages import CancelOutcome, GenerationRequest, ImageFormat, Priority
+from zimage_pipeline.messages import (
+    CancelOutcome,
+    GenerationRequest,
+    ImageFormat,
+    Priority,
+    TemplateRef,
+)
 from zimage_pipeline.ports import (
     AuditRecord,
     Authorization,
@@ -28,16 +35,24 @@ from zimage_pipeline.ports import (
     EncodedDerived,
     EncodedImage,
     ImageSpec,
+    InputImage,
     JobBegin,
     Limits,
     ModelIdentity,
     NewJob,
     QuotaLeft,
     RawImage,
+    StoredObject,
     StoredObjectRef,
     StoredOutputs,
 )
-from zimage_pipeline.storage.errors import StorageFailedError
+from zimage_pipeline.storage.errors import (
+    ObjectConflictError,
+    ObjectNotFoundError,
+    ObjectTooLargeError,
+    StorageFailedError,
+)
+from zimage_pipeline.wiring.outputs import generation_spec
 
 GENEROUS = Limits(
     generate=True,
@@ -57,11 +72,15 @@ TOMBSTONE = "cancelled-before-arrival"  # the payload digest of a cancel's row (
 class FakeJobs:
     """The Jobs port in memory, held to LedgerJobs by tests/integration/test_port_contracts:
     ids are per publisher (FOREIGN), a cancel may arrive before its request (a tombstone
-    row), and no publisher's cancel touches another's request. Never BUSY (busy_s = 0)."""
+    row), and no publisher's cancel touches another's request. With `busy_s`, an
+    unfinished job another worker touched (began, or beat) less than that long ago is
+    BUSY, as in the ledger; 0 (the default): a second begin takes the job over."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, busy_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.lock = threading.Lock()
         self.rows: dict[str, dict[str, Any]] = {}
+        self.busy_s = busy_s
+        self.clock = clock
 
     def begin(
         self,
@@ -95,6 +114,8 @@ class FakeJobs:
                     "attempts": 1,
                     "created_at": datetime.now(UTC),
                     "result": None,
+                    "worker_id": worker_id,
+                    "touched": self.clock(),
                 }
                 return JobBegin(BeginKind.NEW, 1, self.rows[request_id]["created_at"])
             if row["principal"] != principal:
@@ -105,7 +126,14 @@ class FakeJobs:
                 return JobBegin(
                     BeginKind.TERMINAL, row["attempts"], row["created_at"], row["result"]
                 )
-            row["attempts"] += 1
+            now = self.clock()
+            if (
+                self.busy_s > 0
+                and row.get("worker_id") != worker_id
+                and now - row.get("touched", now) < self.busy_s
+            ):
+                return JobBegin(BeginKind.BUSY, row["attempts"], row["created_at"])
+            row.update(attempts=row["attempts"] + 1, worker_id=worker_id, touched=now)
             return JobBegin(BeginKind.NEW, row["attempts"], row["created_at"])
 
     def mark(
@@ -200,21 +228,29 @@ class FakeAuthorizer:
     calls: int = 0
 
     def authorize(self, *, principal: str, on_behalf_of: str) -> Authorization:
+        """As DirectoryAuthorizer answers (held to it by test_port_contracts): the
+        publisher must exist (a user or a delegator), ids compare without case (`ALICE`
+        for `alice` is no delegation; the subject is the directory's spelling), then
+        delegation, then the subject must exist."""
         self.calls += 1
         if self.unavailable_times > 0:
             self.unavailable_times -= 1
             raise DependencyUnavailable("directory unreachable (fake)")
-        if on_behalf_of != principal and principal not in self.delegators:
+        known = {name.casefold(): name for name in [*self.users, *self.delegators]}
+        if principal.casefold() not in known:
+            raise RequestRejectedError(f"unknown user {principal!r}", reason="UNKNOWN_USER")
+        if on_behalf_of.casefold() != principal.casefold() and principal not in self.delegators:
             raise RequestRejectedError(
                 f"{principal!r} may not act on behalf of other users",
                 reason="DELEGATION_NOT_ALLOWED",
             )
-        if on_behalf_of not in self.users:
+        subject = {name.casefold(): name for name in self.users}.get(on_behalf_of.casefold())
+        if subject is None:
             raise RequestRejectedError(f"unknown user {on_behalf_of!r}", reason="UNKNOWN_USER")
         return Authorization(
-            subject=on_behalf_of,
+            subject=subject,
             principal=principal,
-            limits=self.users[on_behalf_of],
+            limits=self.users[subject],
             roles_snapshot={"roles": ["fake"]},
         )
 
@@ -269,6 +305,9 @@ class FakeEngine:
         return ModelIdentity(name="fake/z-image", revision="0", weights_sha256="0" * 64)
 
     def generate(self, specs: Sequence[ImageSpec]) -> list[RawImage]:
+        # Refuses what the engine refuses (sizes, steps, ...), with the engine's own rules.
+        for s in specs:
+            validate_spec(generation_spec(s))
         with self.lock:
             self.calls.append(list(specs))
         if self.delay_s:
@@ -279,8 +318,9 @@ class FakeEngine:
                 s.seed,
                 s.width,
                 s.height,
+                index,  # its place in the batch, as the engine adapter numbers them
             )
-            for s in specs
+            for index, s in enumerate(specs)
         ]
 
 
@@ -292,11 +332,14 @@ class FakeEncoder:
         request: GenerationRequest,
         model: ModelIdentity,
         created_at: datetime,
+        inputs: Sequence[InputImage] = (),
     ) -> EncodedImage:
+        """The request's format, as the real encoder (held to it by test_port_contracts);
+        no provenance marks."""
         buffer = io.BytesIO()
-        image.pixels.save(buffer, format="PNG")
+        image.pixels.save(buffer, format=request.format.value.upper())
         return EncodedImage(
-            buffer.getvalue(), ImageFormat.PNG, image.width, image.height, image.seed
+            buffer.getvalue(), request.format, image.width, image.height, image.seed
         )
 
     def mark_derived(
@@ -383,10 +426,94 @@ class FakeStore:
             return keys
 
 
+class FakeObjects:
+    """The Objects port in memory: buckets of keys to bytes, written once."""
+
+    def __init__(self, default_bucket: str = "fake") -> None:
+        self.buckets: dict[str, dict[str, bytes]] = {}
+        self.default_bucket = default_bucket
+        self.locked_buckets: set[str] = set()
+        self.down = False
+
+    def put_json(
+        self,
+        key: str,
+        obj: Any,
+        *,
+        bucket: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
+        retain_until: datetime | None = None,
+        lock_mode: str | None = None,
+    ) -> StoredObject:
+        import hashlib
+
+        from zimage_pipeline.storage import canonical_json
+
+        name = bucket or self.default_bucket
+        data = canonical_json(obj)
+        held = self.buckets.setdefault(name, {}).setdefault(key, data)
+        if held != data:
+            raise ObjectConflictError(f"s3://{name}/{key} holds other content (fake)")
+        return StoredObject(name, key, None, hashlib.sha256(data).hexdigest(), len(data))
+
+    def get_object(
+        self,
+        key: str,
+        *,
+        bucket: str | None = None,
+        version_id: str | None = None,
+        max_bytes: int | None = None,
+    ) -> bytes:
+        name = bucket or self.default_bucket
+        if self.down:
+            raise StorageFailedError(f"get s3://{name}/{key}: unreachable (fake)")
+        data = self.buckets.get(name, {}).get(key)
+        if data is None or version_id not in (None, "v1"):  # one version: "v1"
+            raise ObjectNotFoundError(f"s3://{name}/{key} not found (fake)")
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ObjectTooLargeError(f"s3://{name}/{key} is over {max_bytes} bytes (fake)")
+        return data
+
+    def list_keys(self, prefix: str, *, bucket: str | None = None) -> Iterator[str]:
+        held = self.buckets.get(bucket or self.default_bucket, {})
+        return iter(sorted(k for k in held if k.startswith(prefix)))
+
+    def list_children(
+        self, prefix: str, *, bucket: str | None = None
+    ) -> tuple[list[str], list[str]]:
+        keys: list[str] = []
+        children: set[str] = set()
+        for key in self.list_keys(prefix, bucket=bucket):
+            rest = key[len(prefix) :]
+            if "/" in rest:
+                children.add(prefix + rest.split("/", 1)[0] + "/")
+            else:
+                keys.append(key)
+        return keys, sorted(children)
+
+    def object_lock_enabled(self, bucket: str) -> bool:
+        return bucket in self.locked_buckets
+
+    def check_buckets(self, buckets: Sequence[str]) -> None:
+        for name in buckets:
+            if name not in self.buckets:
+                raise StorageFailedError(f"s3://{name}: NoSuchBucket (fake)")
+
+
 class FakeAudit:
     def __init__(self) -> None:
         self.events: list[tuple[str, str]] = []
+        self.history: list[AuditRecord] = []
         self.lock = threading.Lock()
+
+    def payloads(self, request_id: str, event_type: str) -> list[Mapping[str, Any]]:
+        with self.lock:
+            return [
+                r.payload
+                for r in self.history
+                if (r.request_id, r.event_type) == (request_id, event_type)
+            ]
 
     def append(
         self, *, request_id: str, event_type: str, actor: str, payload: Mapping[str, Any]
@@ -397,6 +524,7 @@ class FakeAudit:
             raise AuditError(f"unknown audit event type {event_type!r}")
         with self.lock:
             self.events.append((request_id, event_type))
+            self.history.append(AuditRecord(request_id, event_type, actor, payload))
 
     def append_many(self, records: Sequence[AuditRecord]) -> None:
         # All or nothing, like the chain's one transaction.
@@ -425,6 +553,7 @@ class FakeLedger:
         authorization: Authorization,
         images: int,
         audit: Sequence[AuditRecord],
+        template: TemplateRef | None = None,
     ) -> None:
         self.quota.reserve(request_id=request_id, authorization=authorization, images=images)
         self.jobs.mark(request_id, "running")
@@ -437,6 +566,7 @@ class FakeLedger:
         authorization: Authorization,
         images: int,
         audit: Sequence[AuditRecord],
+        template: TemplateRef | None = None,
     ) -> bool:
         with self.jobs.lock:
             if job.request_id in self.jobs.rows:
@@ -462,7 +592,10 @@ class FakeLedger:
             row = self.jobs.rows.get(request_id)
             if row is None or row["result"] is not None:
                 return False
+            if row.get("worker_id", worker_id) != worker_id:
+                return False  # taken over by another worker: its heartbeat now
             row["beats"] = row.get("beats", 0) + 1
+            row["touched"] = self.jobs.clock()
             return True
 
     def complete(

@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 from zimage_pipeline.errors import Disposition, RequestRejectedError, ZImageError
-from zimage_pipeline.messages import GenerationRequest, Status
+from zimage_pipeline.messages import GenerationRequest
 from zimage_pipeline.ports import Authorization
 
 
 class RequestExpiredError(ZImageError):
     disposition = Disposition.FAIL
     reason = "EXPIRED"
-
-
-STATUS_BY_REASON = {"EXPIRED": Status.EXPIRED, "CANCELLED": Status.CANCELLED}
-
-
-def ending_status(error: ZImageError, *, running: bool) -> Status:
-    """The status a request ends with for `error`. A refusal (REJECT) found once the job
-    runs, e.g. parameters the engine cannot take, ends it `failed`, keeping its reason:
-    the ledger's state machine has no running -> rejected (`rejected` means nothing ran),
-    and asking for it raised ILLEGAL_TRANSITION, which the worker then retried."""
-    refused = error.disposition is Disposition.REJECT and not running
-    return STATUS_BY_REASON.get(error.reason, Status.REJECTED if refused else Status.FAILED)
 
 
 def check_limits(request: GenerationRequest, auth: Authorization) -> None:
@@ -50,4 +38,44 @@ def check_limits(request: GenerationRequest, auth: Authorization) -> None:
         raise RequestRejectedError(
             "the request exceeds what the user's roles allow: " + "; ".join(problems),
             reason="POLICY_VIOLATION",
+        )
+
+
+def check_adapter_use(request: GenerationRequest, auth: Authorization) -> None:
+    """Whether the subject's roles allow each adapter the request itself names (not the
+    ones a template fixes: those come with the template). The message names the adapter."""
+    allowed = auth.limits.adapters
+    if "*" in allowed:
+        return
+    for index, adapter in enumerate(request.adapters):
+        if adapter.name not in allowed:
+            raise RequestRejectedError(
+                f"adapters[{index}]: {auth.subject!r} may not use adapter {adapter.name!r} "
+                f"(its roles allow {', '.join(sorted(allowed)) or 'no adapters'})",
+                reason="NOT_AUTHORIZED",
+            )
+
+
+def check_template_use(
+    request: GenerationRequest, template_tags: tuple[str, ...] | None, auth: Authorization
+) -> None:
+    """Whether the subject's roles allow what the request asks for: a free prompt (no
+    template), or the template it names (`template_tags`: that template's tags). The
+    message says what was not allowed."""
+    limits = auth.limits
+    if request.template is None:
+        if not limits.free_prompt:
+            raise RequestRejectedError(
+                f"{auth.subject!r} may not send free prompts (no role with free_prompt = "
+                "true): name a template",
+                reason="NOT_AUTHORIZED",
+            )
+        return
+    allowed = limits.templates
+    names = {request.template.id, *(f"tag:{tag}" for tag in template_tags or ())}
+    if "*" not in allowed and not names & allowed:
+        raise RequestRejectedError(
+            f"{auth.subject!r} may not use template {request.template.id!r} (its roles allow "
+            f"{', '.join(sorted(allowed)) or 'no templates'})",
+            reason="NOT_AUTHORIZED",
         )

@@ -130,7 +130,7 @@ def check_directory(settings: Settings) -> CheckResult:
 
 
 def check_object_store(settings: Settings) -> CheckResult:
-    from zimage_pipeline.storage.client import make_s3_client
+    from zimage_pipeline.storage import ObjectStore
 
     cfg = settings.storage
     secrets: list[SecretStr | None] = []
@@ -138,20 +138,33 @@ def check_object_store(settings: Settings) -> CheckResult:
         credentials = cfg.resolved_credentials()
         if credentials is not None:
             secrets.extend(credentials)
-        client = make_s3_client(cfg)
-        for bucket in (cfg.bucket, cfg.audit_bucket):
-            client.head_bucket(Bucket=bucket)
+        inputs = _input_buckets(settings)
+        ObjectStore(cfg).check_buckets([cfg.bucket, cfg.audit_bucket, *inputs])
     except Exception as exc:
         return CheckResult(
             "object store",
             False,
             f"{cfg.endpoint_url or 'AWS S3'}: {redact(_describe(exc), secrets)}",
         )
+    read_from = f"; image inputs from {', '.join(inputs)}" if inputs else ""
     return CheckResult(
         "object store",
         True,
-        f"{cfg.endpoint_url or 'AWS S3'} buckets {cfg.bucket}, {cfg.audit_bucket}",
+        f"{cfg.endpoint_url or 'AWS S3'} buckets {cfg.bucket}, {cfg.audit_bucket}{read_from}",
     )
+
+
+def _input_buckets(settings: Settings) -> list[str]:
+    """The buckets the policy's [inputs] grants name: a grant to a bucket the worker
+    cannot reach would turn every image request of that publisher into a refusal. A
+    policy that does not load is not this check's to report (the worker refuses it)."""
+    from zimage_pipeline.policy import load_rules
+
+    try:
+        rules = load_rules(settings.policy)
+    except Exception:
+        return []
+    return sorted({grant.bucket for grants in rules.inputs.values() for grant in grants})
 
 
 def check_model(settings: Settings) -> CheckResult:
@@ -170,6 +183,27 @@ def check_model(settings: Settings) -> CheckResult:
             "model", True, f"{location}: Hugging Face repo id (fetched at load time)"
         )
     return CheckResult("model", True, f"{Path(location).expanduser()} ({PIPELINE_CLASS})")
+
+
+def check_adapters(settings: Settings) -> CheckResult:
+    """Every catalogue adapter's file hashed as the engine will hash it before loading:
+    a missing file or one whose bytes are not the catalogue's SHA-256 fails the check,
+    naming the adapter (the worker would refuse every request naming it)."""
+    from zimage_pipeline.adapters import catalogue_of
+    from zimage_pipeline.engine.adapters import verify_entry
+
+    entries = catalogue_of(settings)
+    if not entries:
+        return CheckResult("adapters", True, "none configured")
+    problems = [
+        f"{entry.name}: {problem}"
+        for entry in entries
+        if (problem := verify_entry(entry)) is not None
+    ]
+    if problems:
+        return CheckResult("adapters", False, "; ".join(problems))
+    names = ", ".join(entry.name for entry in entries)
+    return CheckResult("adapters", True, f"{len(entries)} verified ({names})")
 
 
 C2PA_OFF = (
@@ -252,6 +286,7 @@ ALL_CHECKS: tuple[Callable[[Settings], CheckResult], ...] = (
     check_directory,
     check_object_store,
     check_model,
+    check_adapters,
     check_provenance,
     check_plugins,
 )

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from zimage_pipeline.cli_audit import register as _register_audit_commands
 from zimage_pipeline.cli_plugins import register as _register_plugin_commands
 from zimage_pipeline.cli_quota import register as _register_quota_commands
+from zimage_pipeline.cli_templates import parse_variables
+from zimage_pipeline.cli_templates import register as _register_template_commands
 from zimage_pipeline.engine.tiny import DEFAULT_SEED as TINY_MODEL_SEED
-from zimage_pipeline.errors import ConfigError
+from zimage_pipeline.errors import EXIT_CONFIG, ConfigError
 from zimage_pipeline.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -30,7 +32,11 @@ app.add_typer(quota_app, name="quota")
 app.add_typer(users_app, name="users")
 app.add_typer(audit_app, name="audit")
 app.add_typer(model_app, name="model")
+templates_app = typer.Typer(
+    help="Templates (brand presets): list, show, render, validate.", no_args_is_help=True
+)
 app.add_typer(plugins_app, name="plugins")
+app.add_typer(templates_app, name="templates")
 
 ConfigOption = Annotated[
     Path | None,
@@ -39,12 +45,20 @@ ConfigOption = Annotated[
     ),
 ]
 
-EXIT_CONFIG = 2
-
 
 def _settings(config: Path | None) -> Settings:
     try:
         return load_settings(config)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_CONFIG) from None
+
+
+def _require_gpu_stack(command: str) -> None:
+    from zimage_pipeline.extras import require_gpu_stack
+
+    try:
+        require_gpu_stack(command)
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_CONFIG) from None
@@ -126,11 +140,26 @@ def db_current(config: ConfigOption = None) -> None:
 
 
 @app.command()
-def worker(config: ConfigOption = None) -> None:
+def worker(
+    config: ConfigOption = None,
+    devices: Annotated[
+        str | None,
+        typer.Option(
+            help="GPU indexes, e.g. 0,1: one worker process per GPU, each pinned to it "
+            "(CUDA_VISIBLE_DEVICES), on port worker.http_port + index, with worker id "
+            "<host>-gpu<index>; a worker that exits is restarted alone."
+        ),
+    ] = None,
+) -> None:
     """Consume generation requests from RabbitMQ until SIGTERM (exit 0 after draining)."""
-    from zimage_pipeline.cli_worker import run_worker_command
+    from zimage_pipeline.cli_worker import run_supervisor_command, run_worker_command
 
-    run_worker_command(_settings(config))
+    settings = _settings(config)
+    _require_gpu_stack("zimage-pipeline worker")
+    if devices is None:
+        run_worker_command(settings)
+        return
+    run_supervisor_command(settings, devices, config=config)
 
 
 @app.command()
@@ -149,6 +178,12 @@ def submit(
     image_format: Annotated[str | None, typer.Option("--format", help="png|webp|jpeg")] = None,
     priority: Annotated[str | None, typer.Option(help="interactive|standard|bulk")] = None,
     label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, repeatable.")] = None,
+    template: Annotated[
+        str | None, typer.Option(help="A template of the catalogue: ID or ID@VERSION.")
+    ] = None,
+    var: Annotated[
+        list[str] | None, typer.Option(help="A template slot's NAME=VALUE, repeatable.")
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Wait for and print the result.")] = True,
     config: ConfigOption = None,
 ) -> None:
@@ -156,7 +191,7 @@ def submit(
     from zimage_pipeline.cli_worker import build_request_document, submit_command
 
     settings = _settings(config)
-    fields = {
+    fields: dict[str, Any] = {
         "prompt": prompt,
         "request_id": request_id,
         "on_behalf_of": on_behalf_of,
@@ -168,6 +203,14 @@ def submit(
         "format": image_format,
         "priority": priority,
     }
+    if template is not None:
+        template_id, _, version = template.partition("@")
+        ref: dict[str, object] = {"id": template_id}
+        if version:
+            ref["version"] = int(version) if version.isdigit() else version
+        fields["template"] = ref
+    if var:
+        fields["variables"] = parse_variables(var)
     document = build_request_document(
         file=file, fields=fields, labels=label or [], username=settings.client.username
     )
@@ -188,6 +231,7 @@ _register_quota_commands(quota_app, users_app, _settings)
 
 _register_audit_commands(audit_app, app)
 _register_plugin_commands(plugins_app, _settings)
+_register_template_commands(templates_app, _settings)
 
 
 @model_app.command("make-tiny")
@@ -199,6 +243,7 @@ def model_make_tiny(
     """Build a tiny random-weight Z-Image pipeline in diffusers layout in DIRECTORY."""
     from zimage_pipeline.engine.commands import make_tiny_command
 
+    _require_gpu_stack("zimage-pipeline model make-tiny")
     make_tiny_command(directory, seed=seed, force=force)
 
 

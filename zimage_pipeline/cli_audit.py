@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from zimage_pipeline.errors import ConfigError, ZImageError
+from zimage_pipeline.errors import EXIT_CONFIG, ConfigError, ZImageError
 from zimage_pipeline.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from zimage_pipeline.audit import AnchorSurvey, ChainAnchorer
 
 EXIT_BROKEN = 1
-EXIT_CONFIG = 2
 EXIT_NOT_FOUND = 4
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file.")]
@@ -84,6 +83,12 @@ def query(
         list[str] | None, typer.Option(help="KEY=VALUE or VALUE (any key); repeatable.")
     ] = None,
     prompt: Annotated[str | None, typer.Option(help="Substring of a retained prompt.")] = None,
+    template: Annotated[
+        str | None, typer.Option(help="Template id: the requests made from that template.")
+    ] = None,
+    template_version: Annotated[
+        int | None, typer.Option(min=1, help="With --template: only that version of it.")
+    ] = None,
     limit: Annotated[int, typer.Option(help="Most rows; 0 for all.")] = 100,
     output: Annotated[str, typer.Option("--format", help="table | jsonl | csv")] = "table",
     config: ConfigOption = None,
@@ -94,6 +99,8 @@ def query(
 
     if output not in ("table", "jsonl", "csv"):
         raise typer.BadParameter("table, jsonl or csv", param_hint="--format")
+    if template_version is not None and template is None:
+        raise typer.BadParameter("needs --template ID", param_hint="--template-version")
     labels = tuple(
         (k, v) if sep else (None, k) for k, sep, v in (item.partition("=") for item in label or [])
     )
@@ -107,6 +114,8 @@ def query(
         model=model,
         labels=labels,
         prompt=prompt,
+        template=template,
+        template_version=template_version,
         limit=limit or None,
     )
     engine = _engine(_settings(config))

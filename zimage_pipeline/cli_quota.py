@@ -280,6 +280,13 @@ def _print_status(status: QuotaStatus, note: str | None = None) -> None:
         typer.echo(f"  note: {note}")
 
 
+def _names(allowed: frozenset[str]) -> str:
+    """A role rule's names for people: `any` for `*`, `none` for nothing."""
+    if "*" in allowed:
+        return "any"
+    return ", ".join(sorted(allowed)) or "none"
+
+
 def _print_user(
     document: dict[str, Any], effective: EffectivePolicy, statuses: list[QuotaStatus]
 ) -> None:
@@ -296,6 +303,11 @@ def _print_user(
     typer.echo(
         f"generate  {'yes' if effective.generate else 'no'}; delegate {'yes' if effective.delegate else 'no'}"
     )
+    # What a request of this user may name (README: templates, LoRA style adapters).
+    typer.echo(
+        f"templates {_names(effective.templates)}; free prompts {'yes' if effective.free_prompt else 'no'}"
+    )
+    typer.echo(f"adapters  {_names(effective.adapters)}")
     for status in statuses:
         _print_status(status)
     left = document["remaining"]

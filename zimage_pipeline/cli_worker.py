@@ -11,13 +11,14 @@ from typing import Any
 import typer
 
 from zimage_pipeline.decoding import decode_request
-from zimage_pipeline.errors import InvalidRequestError
+from zimage_pipeline.errors import EXIT_CONFIG, ConfigError, InvalidRequestError
 from zimage_pipeline.messages import Status
 from zimage_pipeline.settings import Settings
 
 EXIT_NOT_SUCCEEDED = 1
 EXIT_INVALID = 2
 EXIT_TIMEOUT = 124
+EXIT_NOT_PUBLISHED = 3  # the broker took nothing: safe to retry with the same request id
 
 
 def run_worker_command(settings: Settings) -> None:
@@ -28,10 +29,49 @@ def run_worker_command(settings: Settings) -> None:
     configure_logging(level=settings.logging.level, json_logs=settings.logging.json_logs)
 
     async def main() -> int:
-        wiring = await asyncio.to_thread(build, settings)
+        try:
+            wiring = await asyncio.to_thread(build, settings)
+        except ConfigError as exc:
+            # A configuration that cannot work (a missing policy file or model, a bad
+            # template): one clear line and exit 2, which `worker --devices` and
+            # operators read as "fix the configuration", not a crash to retry.
+            typer.echo(f"error: {exc}", err=True)
+            return EXIT_CONFIG
         return await run_worker(settings, wiring)
 
     raise typer.Exit(asyncio.run(main()))
+
+
+def run_supervisor_command(settings: Settings, devices: str, *, config: Path | None) -> None:
+    """`worker --devices 0,1`: one worker per GPU under a supervisor (worker/supervisor.py).
+    The settings were loaded (and so checked) here once; each child loads them again."""
+    from zimage_pipeline.observability import configure_logging
+    from zimage_pipeline.worker.runner import HANG_EXIT_MARGIN_S
+    from zimage_pipeline.worker.supervisor import (
+        Supervisor,
+        child_specs,
+        parse_devices,
+        worker_command,
+    )
+
+    configure_logging(level=settings.logging.level, json_logs=settings.logging.json_logs)
+    try:
+        specs = child_specs(
+            parse_devices(devices),
+            base_port=settings.worker.http_port,
+            worker_id=settings.worker.worker_id,
+            engine_device=settings.engine.device,
+        )
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    supervisor = Supervisor(
+        specs,
+        worker_command(str(config) if config else None),
+        # A worker drains in shutdown_grace_s; its own backstop ends it within the margin.
+        grace_s=settings.worker.shutdown_grace_s + HANG_EXIT_MARGIN_S,
+    )
+    raise typer.Exit(asyncio.run(supervisor.run()))
 
 
 def build_request_document(
@@ -59,7 +99,7 @@ def build_request_document(
 
 
 def submit_command(settings: Settings, document: dict[str, Any], *, wait: bool) -> None:
-    from zimage_pipeline.client import ResultTimeoutError, submit
+    from zimage_pipeline.client import NotPublishedError, ResultTimeoutError, submit
 
     username = settings.client.username
     if not username:
@@ -84,6 +124,9 @@ def submit_command(settings: Settings, document: dict[str, Any], *, wait: bool) 
     except ResultTimeoutError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_TIMEOUT) from None
+    except NotPublishedError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_NOT_PUBLISHED) from None
     if result is None:
         typer.echo(json.dumps({"published": request.request_id}))
         return
@@ -93,17 +136,21 @@ def submit_command(settings: Settings, document: dict[str, Any], *, wait: bool) 
 
 
 def cancel_command(settings: Settings, request_id: str) -> None:
-    from zimage_pipeline.client import cancel
+    from zimage_pipeline.client import NotPublishedError, cancel
 
     if not settings.client.username:
         typer.echo("error: set client.username (ZIMAGE_CLIENT__USERNAME) to cancel", err=True)
         raise typer.Exit(EXIT_INVALID)
-    asyncio.run(
-        cancel(
-            request_id,
-            broker=settings.broker,
-            username=settings.client.username,
-            password=settings.client.resolved_password().get_secret_value(),
+    try:
+        asyncio.run(
+            cancel(
+                request_id,
+                broker=settings.broker,
+                username=settings.client.username,
+                password=settings.client.resolved_password().get_secret_value(),
+            )
         )
-    )
+    except NotPublishedError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_NOT_PUBLISHED) from None
     typer.echo(json.dumps({"cancel_published": request_id}))

@@ -10,7 +10,12 @@
 4. `cms-publisher` sends a prompt naming a competitor's brand (the deny_list plugin
    refuses it: PROMPT_REFUSED, nothing charged);
 5. `pim-sync` publishes a message that is not JSON (it must end in the DLQ);
-6. every request that reached a decision is also POSTed, signed, to the demo's own
+6. `cms-publisher` publishes for `mia` (marketing: presets only) a listing tile made from
+   the `ecommerce-hero` template, and then a free prompt for her (NOT_AUTHORIZED);
+7. `cms-publisher` has the background of a product packshot replaced for `alice`
+   (inpaint: the demo makes the photo and its mask and puts them in the CMS's input
+   folder, `zimage-inputs/cms/`, which the policy grants it);
+8. every request that reached a decision is also POSTed, signed, to the demo's own
    webhook receiver (the webhook plugin), which checks each signature.
 
 The plugins' configuration is `config/demo-plugins.toml` (`plugin_tables`).
@@ -40,6 +45,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from zimage_pipeline.broker import connect, connect_robust
+from zimage_pipeline.demo_inputs import stage_packshot
 from zimage_pipeline.demo_plugins import receiving
 from zimage_pipeline.demo_table import Outcome, expected_outcomes, print_table
 from zimage_pipeline.settings import Settings, load_settings
@@ -64,7 +70,11 @@ class Plan:
         self.publications.append((kind, publisher, request_id, json.dumps(document).encode()))
 
 
-def build_plan(run_id: str, bob_batch: int) -> Plan:
+def build_plan(
+    run_id: str, bob_batch: int, packshot: tuple[dict[str, Any], dict[str, Any]] | None = None
+) -> Plan:
+    """`packshot`: references to the run's product photo and its background mask in the
+    CMS's input folder (`demo_inputs.stage_packshot`); without them, no background step."""
     plan = Plan(run_id, bob_batch)
     small = {"width": 128, "height": 128, "steps": 2}
     plan.add(
@@ -100,6 +110,39 @@ def build_plan(run_id: str, bob_batch: int) -> Plan:
     plan.publications.append(
         ("malformed", "pim-sync", f"{run_id}-malformed", b"<sku>not json</sku>")
     )
+    plan.add(
+        "preset",
+        "cms-publisher",
+        f"{run_id}-preset",
+        {
+            "on_behalf_of": "mia",
+            "template": {"id": "ecommerce-hero"},
+            "variables": {"product": "Blue ceramic teapot", "angle": "front"},
+            "width": 512,  # the template's listing-tile size
+            "height": 512,
+        },
+    )
+    plan.add(
+        "free prompt",
+        "cms-publisher",
+        f"{run_id}-free",
+        {"on_behalf_of": "mia", "prompt": "Anything I like", **small},
+    )
+    if packshot is not None:
+        photo, mask = packshot
+        plan.add(
+            "background",
+            "cms-publisher",
+            f"{run_id}-background",
+            {
+                "on_behalf_of": "alice",
+                "prompt": "on a sunny spring kitchen table, soft morning light",
+                "task": "inpaint",
+                "init_image": photo,
+                "mask_image": mask,
+                "steps": 2,
+            },
+        )
     return plan
 
 
@@ -245,7 +288,8 @@ async def run_scenario(
 async def _publish_and_collect(
     settings: Settings, secrets_dir: Path, run_id: str, bob_batch: int, timeout_s: float
 ) -> list[Outcome]:
-    plan = build_plan(run_id, bob_batch)
+    packshot = await asyncio.to_thread(stage_packshot, settings, run_id)
+    plan = build_plan(run_id, bob_batch, packshot)
     broker = settings.broker
     tap: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     channels: dict[str, AbstractChannel] = {}

@@ -82,9 +82,12 @@ def expected_outcomes(*, bob_allowed: int, bob_batch: int) -> Counter[tuple[str,
     expected["carol", "rejected", "NOT_AUTHORIZED"] += 1
     expected["refused prompt", "rejected", "PROMPT_REFUSED"] += 1
     expected["malformed", "rejected", "INVALID_REQUEST (in DLQ)"] += 1
+    expected["preset", "succeeded + thumb", ""] += 1
+    expected["free prompt", "rejected", "NOT_AUTHORIZED"] += 1
+    expected["background", "succeeded + thumb", ""] += 1
     # Each request that reached a decision is POSTed to the webhook; the malformed
     # message is no request of the ledger (its result has no request id).
-    expected["webhook", "delivered", "signature ok"] += 1 + bob_batch + 1 + 1
+    expected["webhook", "delivered", "signature ok"] += 1 + bob_batch + 1 + 1 + 2 + 1
     return expected
 
 

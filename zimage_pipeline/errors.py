@@ -61,6 +61,11 @@ class ConfigError(ZImageError):
     reason = "CONFIG_ERROR"
 
 
+# Every command's exit code for a ConfigError; `worker --devices` reads it in a child's
+# exit as "the same configuration would fail again: do not restart".
+EXIT_CONFIG = 2
+
+
 class DependencyUnavailable(ZImageError):
     """A service (broker, database, directory, object store) cannot be reached right now."""
 

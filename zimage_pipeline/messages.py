@@ -22,8 +22,10 @@ from pydantic import (
     Field,
     StringConstraints,
     field_validator,
+    model_validator,
 )
 
+from zimage_pipeline import s3names
 from zimage_pipeline.ids import (
     FORBIDDEN_RUN,
     REQUEST_ID_MAX_LENGTH,
@@ -95,6 +97,106 @@ class _Message(BaseModel):
 
 
 MAX_RENDITIONS = 16
+# A template's id in the catalogue (config/templates/): also a key of the audit index.
+TemplateId = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]*$")
+]
+SlotName = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")
+]
+# Each slot bounds its own values further (templates/model.py); this is the outer bound.
+SlotValue = Annotated[str, StringConstraints(max_length=1000)]
+MAX_VARIABLES = 32
+
+
+class TemplateRef(BaseModel):
+    """A template of the catalogue: the newest version, or one pinned by `version`; a
+    client may also pin the catalogue file's content by `sha256`. The worker fills in
+    both for the request it runs, so the trail says exactly what was used."""
+
+    id: TemplateId
+    version: int | None = Field(default=None, ge=1)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+AdapterName = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]*$")
+]
+MAX_ADAPTERS = 4  # adapters.MAX_ADAPTERS_PER_REQUEST; a worker may run fewer at once
+
+
+class AdapterRef(BaseModel):
+    """A LoRA style adapter of the worker's catalogue, by name only (never a path), and
+    its weight (the catalogue's default when absent). The worker fills in the weight
+    for the request it runs."""
+
+    name: AdapterName
+    weight: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+DEFAULT_STRENGTH = 0.6  # image_to_image and inpaint, when the request sets none
+
+
+class Task(StrEnum):
+    """What the request asks the model for (one set of weights serves all three)."""
+
+    TEXT_TO_IMAGE = "text_to_image"
+    IMAGE_TO_IMAGE = "image_to_image"  # `init_image` repainted by `strength`
+    INPAINT = "inpaint"  # `init_image` repainted where `mask_image` is white
+
+
+class ImageRef(BaseModel):
+    """An input image in S3-compatible storage, read by the worker with its own
+    credentials from the buckets and prefixes the policy grants the publisher. The
+    client states the SHA-256 it expects; another content is INVALID_REQUEST."""
+
+    # The rules are s3names' (validators below, whose errors name the problem); the
+    # schema carries them as patterns, so a schema-valid reference is one the worker takes.
+    bucket: str = Field(
+        min_length=3,
+        max_length=63,
+        json_schema_extra={
+            "pattern": s3names.BUCKET_SCHEMA_PATTERN,
+            "not": {"pattern": s3names.BUCKET_SCHEMA_NOT},
+        },
+    )
+    key: str = Field(
+        min_length=1,
+        max_length=1024,
+        json_schema_extra={
+            "pattern": s3names.KEY_SCHEMA_PATTERN,
+            "not": {"pattern": s3names.KEY_SCHEMA_NOT},
+        },
+    )
+    version_id: str | None = Field(default=None, min_length=1, max_length=1024)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @field_validator("bucket")
+    @classmethod
+    def _s3_bucket(cls, value: str) -> str:
+        problem = s3names.bucket_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("key")
+    @classmethod
+    def _plain_key(cls, value: str) -> str:
+        problem = s3names.key_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
 RenditionName = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 ]
@@ -113,7 +215,9 @@ class GenerationRequest(_Message):
     schema_: Literal["zimage.request/v1"] = Field(default=REQUEST_SCHEMA, alias="schema")
     request_id: RequestId
     on_behalf_of: DirectoryId
-    prompt: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    # Required unless a template is named: then it fills the template's {prompt} slot,
+    # if the template has one (templates/render.py).
+    prompt: Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)] = ""
     negative_prompt: Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)] | None = None
     width: int = Field(default=DEFAULT_SIZE, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16)
     height: int = Field(default=DEFAULT_SIZE, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=16)
@@ -132,6 +236,21 @@ class GenerationRequest(_Message):
     renditions: list[RenditionName] = Field(default_factory=list, max_length=MAX_RENDITIONS)
     # Where crops keep their centre, as fractions of width and height (default: middle).
     focal_point: FocalPoint | None = None
+    # Added in v1 like `renditions`: a preset of the catalogue and its slots' values. The
+    # template's own defaults (size, format, steps, labels, ...) apply to what the
+    # request leaves unset; what it sets must be allowed by the template.
+    template: TemplateRef | None = None
+    variables: dict[SlotName, SlotValue] = Field(default_factory=dict, max_length=MAX_VARIABLES)
+    # Added in v1 the same way: image inputs. Absent: text_to_image, as before.
+    task: Task = Task.TEXT_TO_IMAGE
+    init_image: ImageRef | None = None
+    mask_image: ImageRef | None = None
+    # Unset (null): DEFAULT_STRENGTH for the image tasks. Not a 0.6 default in the model,
+    # so that a client serializing this model with its defaults sends no strength with
+    # text_to_image, which takes none (see `repaint_strength`).
+    strength: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    # Added in v1 the same way: LoRA style adapters of the catalogue. Absent: none.
+    adapters: list[AdapterRef] = Field(default_factory=list, max_length=MAX_ADAPTERS)
 
     model_config = ConfigDict(
         extra="forbid",
@@ -140,6 +259,37 @@ class GenerationRequest(_Message):
         populate_by_name=True,
         json_schema_extra={"$id": "https://zimage-pipeline.dev/schemas/zimage.request.v1.json"},
     )
+
+    @property
+    def repaint_strength(self) -> float:
+        """How much of the init image is repainted (image tasks): the request's, or 0.6."""
+        return DEFAULT_STRENGTH if self.strength is None else self.strength
+
+    @model_validator(mode="after")
+    def _inputs_of_the_task(self) -> GenerationRequest:
+        task = self.task.value
+        wants_image = self.task is not Task.TEXT_TO_IMAGE
+        if wants_image and self.init_image is None:
+            raise ValueError(f"init_image: {task} needs an init image")
+        if not wants_image and self.init_image is not None:
+            raise ValueError(f"init_image: {task} takes no init image")
+        if self.task is Task.INPAINT and self.mask_image is None:
+            raise ValueError(f"mask_image: {task} needs a mask")
+        if self.task is not Task.INPAINT and self.mask_image is not None:
+            raise ValueError(f"mask_image: {task} takes no mask (only inpaint does)")
+        # A strength the model would ignore is a client's mistake, not a no-op to hide.
+        if not wants_image and self.strength is not None:
+            raise ValueError(f"strength: {task} takes no strength (image_to_image and inpaint do)")
+        return self
+
+    @model_validator(mode="after")
+    def _prompt_or_template(self) -> GenerationRequest:
+        if self.template is None:
+            if not self.prompt:
+                raise ValueError("prompt: required (or name a template)")
+            if self.variables:
+                raise ValueError("variables: only with a template")
+        return self
 
     @field_validator("request_id")
     @classmethod
@@ -158,7 +308,7 @@ class GenerationRequest(_Message):
     @field_validator("prompt")
     @classmethod
     def _not_blank(cls, value: str) -> str:
-        if all(_invisible(char) for char in value):
+        if value and all(_invisible(char) for char in value):
             raise ValueError("must not be blank (only spaces or invisible characters)")
         return value
 
@@ -209,12 +359,22 @@ class StoredImage(BaseModel):
     renditions: list[StoredRendition] = Field(default_factory=list)
 
 
+class AdapterInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    sha256: str
+    weight: float
+
+
 class ModelInfo(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
     revision: str | None = None
     weights_sha256: str | None = None
+    # Added in v1: the LoRA adapters the images were made with (absent: none).
+    adapters: list[AdapterInfo] = Field(default_factory=list)
 
 
 class QuotaRemaining(BaseModel):

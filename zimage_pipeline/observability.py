@@ -102,3 +102,50 @@ class Metrics:
             "GPU memory allocated by torch.",
             registry=self.registry,
         )
+        self.config_reloads = Counter(
+            "zimage_config_reloads",
+            "Reloads of the templates or the policy, by result (ok, refused).",
+            ["config", "result"],
+            registry=self.registry,
+        )
+        self.config_refused = Gauge(
+            "zimage_config_refused",
+            "1 while the newest templates or policy files are refused (the last good "
+            "version is in use), else 0.",
+            ["config"],
+            registry=self.registry,
+        )
+        self.queue_wait_seconds = Histogram(
+            "zimage_queue_wait_seconds",
+            "Time from a request's publication (the message's AMQP timestamp, when the "
+            "publisher set one) or else its arrival at this worker, to the start of its "
+            "processing, by priority.",
+            ["priority"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+            registry=self.registry,
+        )
+        self.audit_anchor_age_seconds = Gauge(
+            "zimage_audit_anchor_age_seconds",
+            "Seconds since this worker last saw the audit chain head anchored in the "
+            "object store (counted from its start until the first anchor).",
+            registry=self.registry,
+        )
+        self.audit_anchor_interval_seconds = Gauge(
+            "zimage_audit_anchor_interval_seconds",
+            "The configured audit.anchor_interval_s (for alerts on the anchor age).",
+            registry=self.registry,
+        )
+        self.team_quota_used_images = Gauge(
+            "zimage_team_quota_used_images",
+            "Images a policy team has used or holds reserved in the current UTC day or "
+            "month (read from the ledger every minute, not per scrape).",
+            ["team", "window"],
+            registry=self.registry,
+        )
+        self.team_quota_limit_images = Gauge(
+            "zimage_team_quota_limit_images",
+            "A policy team's limit for the current day or month, with grants; absent for "
+            "a window without a cap.",
+            ["team", "window"],
+            registry=self.registry,
+        )

@@ -7,7 +7,8 @@ A user in several groups gets the most generous combination of all their roles:
 - allowed formats: the union;
 - priority: the highest class of any role; every lower class is allowed too
   (bulk < standard < interactive);
-- generate, delegate: true if any role says true;
+- generate, delegate, free_prompt: true if any role says true;
+- templates (ids, `tag:<tag>`, `*`) and adapters (names, `*`): the union;
 - per-user quota (images per day, per month): the maximum over the roles that set it;
   a window no role sets has no per-user cap;
 - team budgets: every budgeted group the user belongs to, nested membership included;
@@ -19,6 +20,7 @@ not copy the server's exact spelling. Pure code: no I/O.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,7 +28,10 @@ from typing import Any
 
 from zimage_pipeline.directory.filters import normalize_dn
 from zimage_pipeline.directory.identity import Identity
+from zimage_pipeline.errors import ConfigError
 from zimage_pipeline.settings import PolicyRules, PolicySettings, PriorityClass
+
+log = logging.getLogger(__name__)
 
 PRIORITY_ORDER: tuple[PriorityClass, ...] = (
     PriorityClass.BULK,
@@ -72,6 +77,9 @@ class EffectivePolicy:
     delegate: bool
     user_quota: QuotaLimits
     teams: tuple[TeamBudget, ...]
+    templates: frozenset[str] = frozenset({"*"})
+    free_prompt: bool = True
+    adapters: frozenset[str] = frozenset({"*"})
 
     @property
     def allowed_priorities(self) -> frozenset[PriorityClass]:
@@ -106,6 +114,9 @@ class EffectivePolicy:
                 }
                 for t in self.teams
             ],
+            "templates": sorted(self.templates),
+            "free_prompt": self.free_prompt,
+            "adapters": sorted(self.adapters),
         }
 
     @classmethod
@@ -128,6 +139,11 @@ class EffectivePolicy:
                 TeamBudget(t["group"], t["images_per_day"], t["images_per_month"])
                 for t in data["teams"]
             ),
+            # Absent from snapshots made before templates: what a role allowed then.
+            templates=frozenset(data.get("templates", ["*"])),
+            free_prompt=bool(data.get("free_prompt", True)),
+            # Absent from snapshots made before adapter rules: any adapter was allowed.
+            adapters=frozenset(data.get("adapters", ["*"])),
         )
 
 
@@ -138,23 +154,54 @@ def _max_optional(values: list[int | None]) -> int | None:
 
 _rules_lock = threading.Lock()
 _rules_cache: dict[tuple[object, ...], PolicyRules] = {}
+# The last good rules per policy settings, and the error of the newest file while it is
+# refused: a broken edit keeps the last good rules instead of stopping every worker.
+_last_good: dict[str, PolicyRules] = {}
+_refused: dict[str, str] = {}
 
 
 def load_rules(policy: PolicySettings) -> PolicyRules:
-    """The rules of `policy`, re-read only when its file changes (a stat per call)."""
+    """The rules of `policy`, re-read only when its file changes (a stat per call). A
+    file that no longer loads is refused as a whole: the last good rules stay, the error
+    is logged once and kept for `policy_refused` (/readyz, metrics). Without a last good
+    version (at startup) the error is raised: the worker does not start."""
     try:
         stamp: object = policy.file.stat().st_mtime_ns if policy.file else None
     except OSError:
         stamp = None
-    key = (policy.model_dump_json(), stamp)
+    settings_key = policy.model_dump_json()
+    key = (settings_key, stamp)
     with _rules_lock:
         cached = _rules_cache.get(key)
-    if cached is None:
-        cached = policy.load_rules()
+    if cached is not None:
+        return cached
+    try:
+        loaded = policy.load_rules()
+    except ConfigError as exc:
         with _rules_lock:
-            _rules_cache.clear()  # one live policy per process: keep just the newest
-            _rules_cache[key] = cached
-    return cached
+            good = _last_good.get(settings_key)
+            first = _refused.get(settings_key) != str(exc)
+            _refused[settings_key] = str(exc)
+            if good is not None:
+                _rules_cache.clear()
+                _rules_cache[key] = good  # not re-read until the file changes again
+        if good is None:
+            raise
+        if first:
+            log.error("policy: the new file is refused, keeping the last good rules: %s", exc)
+        return good
+    with _rules_lock:
+        _rules_cache.clear()  # one live policy per process: keep just the newest
+        _rules_cache[key] = loaded
+        _last_good[settings_key] = loaded
+        _refused.pop(settings_key, None)
+    return loaded
+
+
+def policy_refused(policy: PolicySettings) -> str | None:
+    """Why the newest policy file is refused (the last good rules are in use), or None."""
+    with _rules_lock:
+        return _refused.get(policy.model_dump_json())
 
 
 def resolve_policy(identity: Identity, policy: PolicySettings | PolicyRules) -> EffectivePolicy:
@@ -194,4 +241,7 @@ def resolve_policy(identity: Identity, policy: PolicySettings | PolicyRules) -> 
             _max_optional([r.images_per_month for r in roles]),
         ),
         teams=teams,
+        templates=frozenset(t for r in roles for t in r.templates),
+        free_prompt=any(r.free_prompt for r in roles),
+        adapters=frozenset(a for r in roles for a in r.adapters),
     )

@@ -8,13 +8,21 @@ thread for the engine, a small pool for the rest), so no adapter can block the l
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
-from zimage_pipeline.messages import CancelOutcome, GenerationRequest, ImageFormat, Priority
+from zimage_pipeline.adapters import AdapterUse
+from zimage_pipeline.inputs.model import InputGrant
+from zimage_pipeline.messages import (
+    CancelOutcome,
+    GenerationRequest,
+    ImageFormat,
+    Priority,
+    TemplateRef,
+)
 
 
 class BeginKind(StrEnum):
@@ -97,6 +105,12 @@ class Limits:
     max_steps: int
     formats: frozenset[ImageFormat]
     priorities: frozenset[Priority]
+    # Which templates the subject may use: ids, "tag:<tag>", or "*" for any.
+    templates: frozenset[str] = frozenset({"*"})
+    # Whether the subject may send a prompt without a template.
+    free_prompt: bool = True
+    # Which LoRA adapters the subject may name in a request: names, or "*" for any.
+    adapters: frozenset[str] = frozenset({"*"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +122,8 @@ class Authorization:
     quota_subjects: Any = None  # opaque to the core: passed back to Quota.reserve
     groups: tuple[str, ...] = ()  # the subject's group DNs (nested resolved), for audit
     roles: tuple[str, ...] = ()  # the subject's role names under the policy
+    # Where the publisher's input images may be read from (the policy's; none: nowhere).
+    input_grants: tuple[InputGrant, ...] = ()
 
 
 class Authorizer(Protocol):
@@ -135,6 +151,20 @@ class QuotaLeft:
 
 
 @dataclass(frozen=True, slots=True)
+class InputImage:
+    """An input image of a request (image_to_image, inpaint), read and checked
+    (stages/inputs.py): its bytes as stored, for provenance, and its pixels at the
+    request's size for the engine (RGB; a mask in mode L, white = repaint)."""
+
+    role: str  # init_image | mask
+    uri: str  # s3://bucket/key
+    data: bytes
+    format: str  # png | jpeg | webp
+    sha256: str
+    pixels: Any
+
+
+@dataclass(frozen=True, slots=True)
 class ImageSpec:
     prompt: str
     negative_prompt: str | None
@@ -143,6 +173,12 @@ class ImageSpec:
     steps: int
     guidance_scale: float
     seed: int
+    task: str = "text_to_image"  # engine.types.TASKS
+    init_image: Any = None  # PIL images at width x height (InputImage.pixels)
+    mask_image: Any = None
+    strength: float = 0.6
+    # LoRA adapters of the engine's catalogue: (name, weight), in the request's order.
+    adapters: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +197,9 @@ class ModelIdentity:
     name: str
     revision: str | None
     weights_sha256: str | None
+    # The LoRA adapters a request ran with (name, file sha256, weight): part of what made
+    # its images, so recorded wherever the model is (result, audit, provenance).
+    adapters: tuple[AdapterUse, ...] = ()
 
 
 class Engine(Protocol):
@@ -202,8 +241,10 @@ class Encoder(Protocol):
         request: GenerationRequest,
         model: ModelIdentity,
         created_at: datetime,
+        inputs: Sequence[InputImage] = (),
     ) -> EncodedImage:
-        """Encode to the requested format and embed provenance (XMP/IPTC, C2PA)."""
+        """Encode to the requested format and embed provenance (XMP/IPTC, C2PA); an image
+        edited from `inputs` names them (its C2PA ingredients)."""
         ...
 
     def mark_derived(
@@ -264,6 +305,68 @@ class Store(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class StoredObject:
+    bucket: str
+    key: str
+    version_id: str | None
+    sha256: str  # hex
+    size: int
+
+
+class Objects(Protocol):
+    """Plain object access, for what is not a request's outputs (those go through
+    `Store`): the audit chain's anchors, the operator tools, `check`'s reachability line.
+    `storage.ObjectStore` implements it on S3; another store is added by implementing
+    this port and `Store`. Keys are checked (`storage.keys`); errors are StorageErrors."""
+
+    def put_json(
+        self,
+        key: str,
+        obj: Any,
+        *,
+        bucket: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
+        retain_until: datetime | None = None,
+        lock_mode: str | None = None,
+    ) -> StoredObject:
+        """Store `obj` as canonical JSON under `key` once: identical content already
+        there is success, other content is an ObjectConflictError (never overwritten)."""
+        ...
+
+    def get_object(
+        self,
+        key: str,
+        *,
+        bucket: str | None = None,
+        version_id: str | None = None,
+        max_bytes: int | None = None,
+    ) -> bytes:
+        """The object's bytes (that version's, when given): ObjectNotFoundError when it
+        is not there, ObjectTooLargeError (unread) over `max_bytes`, StorageFailedError
+        when the store cannot be reached."""
+        ...
+
+    def list_keys(self, prefix: str, *, bucket: str | None = None) -> Iterator[str]:
+        """Keys under `prefix`, in lexicographic order."""
+        ...
+
+    def list_children(
+        self, prefix: str, *, bucket: str | None = None
+    ) -> tuple[list[str], list[str]]:
+        """One level under `prefix` (ending in '/'): its keys and its sub-prefixes."""
+        ...
+
+    def object_lock_enabled(self, bucket: str) -> bool:
+        """Whether writes to `bucket` can be made immutable (S3 Object Lock)."""
+        ...
+
+    def check_buckets(self, buckets: Sequence[str]) -> None:
+        """Raise a StorageError naming the first bucket that cannot be reached."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
 class AuditRecord:
     request_id: str
     event_type: str
@@ -294,9 +397,11 @@ class Ledger(Protocol):
         authorization: Authorization,
         images: int,
         audit: Sequence[AuditRecord],
+        template: TemplateRef | None = None,
     ) -> None:
         """Reserve `images` against the quotas, mark the job running with the roles
-        snapshot, append `audit`. A quota refusal raises and writes nothing."""
+        snapshot (and the template it was rendered from), append `audit`. A quota
+        refusal raises and writes nothing."""
         ...
 
     def admit_new(
@@ -306,6 +411,7 @@ class Ledger(Protocol):
         authorization: Authorization,
         images: int,
         audit: Sequence[AuditRecord],
+        template: TemplateRef | None = None,
     ) -> bool:
         """A first delivery in one transaction: create the job already running, reserve,
         append `audit`. False, writing nothing, when the request_id is taken (a
@@ -370,7 +476,9 @@ class ResultOutbox(Protocol):
     """The durable hand-off to the result sinks (plugins): a row per sink and result in
     the ledger, delivered (retried, or marked dead) by the outbox dispatcher."""
 
-    def enqueue_result(self, request_key: str, event: Mapping[str, Any]) -> list[str]:
-        """Queue `event` for every configured sink, once per (sink, request) however
-        often it is called; the delivery ids."""
+    def enqueue_result(
+        self, request_key: str, event: Mapping[str, Any], publisher: str | None = None
+    ) -> list[str]:
+        """Queue `event` for every configured sink that takes this publisher's results,
+        once per (sink, request) however often it is called; the delivery ids."""
         ...

@@ -13,6 +13,7 @@ from zimage_pipeline.errors import ZImageError, client_facing
 from zimage_pipeline.messages import (
     CONTROL_CHARS,
     MAX_LABELS,
+    AdapterInfo,
     DirectoryId,
     GenerationRequest,
     GenerationResult,
@@ -29,6 +30,7 @@ from zimage_pipeline.ports import (
     EncodedDerived,
     EncodedImage,
     ImageSpec,
+    InputImage,
     ModelIdentity,
     QuotaLeft,
     RawImage,
@@ -86,7 +88,12 @@ def succeeded_result(
         audit_record_key=outputs.audit_record_key,
         timings_s=dict(timings),
         model=ModelInfo(
-            name=model.name, revision=model.revision, weights_sha256=model.weights_sha256
+            name=model.name,
+            revision=model.revision,
+            weights_sha256=model.weights_sha256,
+            adapters=[
+                AdapterInfo(name=a.name, sha256=a.sha256, weight=a.weight) for a in model.adapters
+            ],
         ),
         quota_remaining=QuotaRemaining(day=left.day, month=left.month),
         labels=dict(request.labels),
@@ -121,8 +128,11 @@ def _renditions_by_source(
 MAX_SEED = 2**63 - 1
 
 
-def image_specs(request: GenerationRequest, base_seed: int) -> list[ImageSpec]:
+def image_specs(
+    request: GenerationRequest, base_seed: int, inputs: Sequence[InputImage] = ()
+) -> list[ImageSpec]:
     """One spec per image; image n uses seed base_seed + n (recorded in the result)."""
+    pixels = {image.role: image.pixels for image in inputs}
     return [
         ImageSpec(
             prompt=request.prompt,
@@ -132,13 +142,27 @@ def image_specs(request: GenerationRequest, base_seed: int) -> list[ImageSpec]:
             steps=request.steps,
             guidance_scale=request.guidance_scale,
             seed=(base_seed + index) % (MAX_SEED + 1),
+            task=request.task.value,
+            init_image=pixels.get("init_image"),
+            mask_image=pixels.get("mask"),
+            strength=request.repaint_strength,
+            adapters=tuple((a.name, a.weight or 0.0) for a in request.adapters),
         )
         for index in range(request.num_images)
     ]
 
 
 def _model_dict(model: ModelIdentity) -> dict[str, Any]:
-    return {"name": model.name, "revision": model.revision, "weights_sha256": model.weights_sha256}
+    found: dict[str, Any] = {
+        "name": model.name,
+        "revision": model.revision,
+        "weights_sha256": model.weights_sha256,
+    }
+    if model.adapters:  # absent without adapters: records as before
+        found["adapters"] = [
+            {"name": a.name, "sha256": a.sha256, "weight": a.weight} for a in model.adapters
+        ]
+    return found
 
 
 def generated_payload(
@@ -183,6 +207,20 @@ def stored_payload(
     return payload
 
 
+def template_record(request: GenerationRequest) -> dict[str, Any] | None:
+    """The template a (rendered) request was made from, as the trail, the audit record
+    and the image's provenance record it: id, version, the catalogue file's SHA-256
+    and every slot's value. None for a free prompt."""
+    if request.template is None:
+        return None
+    return {
+        "id": request.template.id,
+        "version": request.template.version,
+        "sha256": request.template.sha256,
+        "variables": dict(request.variables),
+    }
+
+
 def audit_record_of(
     request: GenerationRequest,
     *,
@@ -197,6 +235,7 @@ def audit_record_of(
     """The JSON record stored beside the images: everything compliance asks about."""
     return {
         "request": request.model_dump(mode="json", by_alias=True),
+        "template": template_record(request),
         "payload_sha256": payload_sha256,
         "principal": auth.principal,
         "subject": auth.subject,

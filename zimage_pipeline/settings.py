@@ -9,11 +9,20 @@ setting naming a file that holds them; the TOML file never carries a secret.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +31,7 @@ from pydantic_settings import (
 )
 
 from zimage_pipeline.errors import ConfigError
+from zimage_pipeline.inputs.model import InputGrant, parse_grants
 
 DEFAULT_CONFIG_PATH = Path("config/zimage.toml")
 CONFIG_PATH_ENV = "ZIMAGE_CONFIG"
@@ -149,6 +159,21 @@ class RoleSettings(_Section):
     delegate: bool = False
     images_per_day: int | None = Field(default=None, ge=0)
     images_per_month: int | None = Field(default=None, ge=0)
+    # Templates the role may use: ids, "tag:<tag>", "*" (any); and free prompts or not.
+    templates: tuple[
+        Annotated[
+            str, StringConstraints(pattern=r"^(\*|tag:[a-z0-9][a-z0-9-]*|[a-z0-9][a-z0-9-]*)$")
+        ],
+        ...,
+    ] = ("*",)
+    free_prompt: bool = True
+    # LoRA adapters ([adapters.<name>]) a request may name: names, or "*" (any). A brand's
+    # trained style is its own: give the adapter only to that brand's roles. Adapters a
+    # template fixes come with the template (the role needs the template, not these).
+    adapters: tuple[
+        Annotated[str, StringConstraints(pattern=r"^(\*|[a-z0-9][a-z0-9-]*)$", max_length=64)],
+        ...,
+    ] = ("*",)
 
     @model_validator(mode="after")
     def _known_formats(self) -> Self:
@@ -173,6 +198,17 @@ class PolicyRules(_Section):
     groups: dict[str, tuple[str, ...]] = {}
     roles: dict[str, RoleSettings] = {}
     teams: dict[str, TeamBudgetSettings] = {}
+    # Publisher (AMQP account) -> the "bucket/prefix" places its requests' input images
+    # may be read from (image-to-image, inpainting); none: no image inputs. Parsed here,
+    # as the policy loads: a malformed grant refuses the file (inputs/model.py).
+    inputs: dict[str, tuple[InputGrant, ...]] = {}
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _parsed_grants(cls, value: object) -> object:
+        if not isinstance(value, Mapping):
+            return value  # pydantic names the type error
+        return parse_grants(value)
 
     @model_validator(mode="after")
     def _roles_exist(self) -> Self:
@@ -182,7 +218,7 @@ class PolicyRules(_Section):
         return self
 
 
-DEFAULT_POLICY_PATH = Path("config/policy.toml")
+DEFAULT_POLICY_PATH = Path("policy.toml")  # beside the config file
 
 
 class PolicySettings(_Section):
@@ -195,25 +231,28 @@ class PolicySettings(_Section):
     groups: dict[str, tuple[str, ...]] = {}
     roles: dict[str, RoleSettings] = {}
     teams: dict[str, TeamBudgetSettings] = {}
+    inputs: dict[str, tuple[str, ...]] = {}  # "bucket/prefix" texts, parsed by PolicyRules
 
     def load_rules(self) -> PolicyRules:
         """The policy file merged with the inline tables (inline wins on a clash).
 
-        A missing file is an error, except for the default path, which then means "no
-        roles": every request is denied, the fail-closed reading of an absent policy.
+        A missing file is an error, the default path's too: a worker that silently
+        denied everything because the file was not where it looked is worse than one
+        that does not start. `file = ""` (None) means inline tables only.
         """
         import tomllib
 
         from pydantic import ValidationError
 
         loaded: dict[str, Any] = {}
-        if self.file is not None and (self.file.is_file() or self.file != DEFAULT_POLICY_PATH):
+        if self.file is not None:
             try:
                 loaded = tomllib.loads(self.file.read_text(encoding="utf-8"))
             except (OSError, tomllib.TOMLDecodeError) as exc:
                 raise ConfigError(f"policy.file {self.file}: {exc}") from None
-        inline = self.model_dump(include={"groups", "roles", "teams"})
-        merged = {k: {**loaded.get(k, {}), **inline[k]} for k in ("groups", "roles", "teams")}
+        tables = ("groups", "roles", "teams", "inputs")
+        inline = self.model_dump(include=set(tables))
+        merged = {k: {**loaded.get(k, {}), **inline[k]} for k in tables}
         unknown = set(loaded) - set(merged)
         if unknown:
             raise ConfigError(f"policy.file {self.file}: unknown tables {sorted(unknown)}")
@@ -367,6 +406,32 @@ class EngineSettings(_Section):
     prompt_bucket: int = Field(default=32, ge=1)
     vae_decode_batch: int = Field(default=1, ge=1)
     linear_fp8: bool = False  # LOSSY opt-in tier: FP8 block projections (engine/fp8.py)
+    # LoRA adapters (engine/adapters.py), used only when [adapters] names some: how many
+    # run at once (fixed slots on the transformer, so a switch never recompiles), how
+    # many stay loaded in device memory (LRU), and the largest rank a slot takes.
+    adapter_slots: int = Field(default=2, ge=1, le=4)
+    max_loaded_adapters: int = Field(default=3, ge=1)
+    adapter_rank: int = Field(default=64, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _slots_fit_the_cache(self) -> EngineSettings:
+        if self.max_loaded_adapters < self.adapter_slots:
+            raise ValueError(
+                f"engine.max_loaded_adapters ({self.max_loaded_adapters}) must be at least "
+                f"engine.adapter_slots ({self.adapter_slots}): a request's adapters stay loaded"
+            )
+        return self
+
+
+class AdapterSettings(_Section):
+    """`[adapters.<name>]`: a LoRA adapter a request may name. `path` is a local
+    .safetensors file, or a directory holding exactly one (relative to the config file);
+    a hub id is not supported (the worker reads no model hub at run time)."""
+
+    path: Path
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # of the weights file's bytes
+    weight: float = Field(default=1.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    description: str = ""
 
 
 class WorkerSettings(_Section):
@@ -427,6 +492,23 @@ class LoggingSettings(_Section):
     log_prompts: bool = False
 
 
+class InputsSettings(_Section):
+    """Input images (image_to_image, inpaint): the most a worker reads and decodes. A
+    larger object, or an image whose header claims more, is refused before decoding."""
+
+    max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
+    max_side: int = Field(default=4096, ge=64)
+
+
+class TemplatesSettings(_Section):
+    """The template catalogue (templates/): a directory of TOML files, reloaded when a
+    file changes (polled every `reload_poll_s`) and on SIGHUP. None: no templates."""
+
+    dir: Path | None = Path("templates")  # beside the config file; missing: no templates
+    reload_poll_s: float = Field(default=2.0, gt=0)
+
+
 class PluginsSettings(BaseModel):
     """`[plugins]`: the stage limits, then one table per plugin, `[plugins.<name>]`,
     handed to that plugin alone (plugins/registry.py). A plugin runs only when its table
@@ -478,6 +560,12 @@ class Settings(BaseSettings):
     client: ClientSettings = ClientSettings()
     logging: LoggingSettings = LoggingSettings()
     plugins: PluginsSettings = PluginsSettings()
+    templates: TemplatesSettings = TemplatesSettings()
+    inputs: InputsSettings = InputsSettings()
+    adapters: dict[
+        Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=64)],
+        AdapterSettings,
+    ] = {}
 
     @classmethod
     def settings_customise_sources(
@@ -507,7 +595,7 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
         raise ConfigError(f"config file not found: {config_path}")
     _CONFIG_PATH_OVERRIDE = config_path
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
@@ -516,3 +604,35 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
         raise ConfigError(f"invalid configuration: {problems}") from None
     finally:
         _CONFIG_PATH_OVERRIDE = None
+    toml_path = config_path or Path(os.environ.get(CONFIG_PATH_ENV, str(DEFAULT_CONFIG_PATH)))
+    return _relative_to_config_file(settings, toml_path, overrides)
+
+
+# Paths a config file names relative to itself, as people expect of a file that refers
+# to its neighbours (a path from the environment or an argument is the caller's own).
+RELATIVE_TO_CONFIG_FILE = (("policy", "file"), ("templates", "dir"))
+
+
+def _relative_to_config_file(
+    settings: Settings, toml_path: Path, overrides: dict[str, Any]
+) -> Settings:
+    """Relative paths of the file (or the defaults it leaves) resolved against its
+    directory; without a config file they stay relative to the working directory."""
+    if not toml_path.is_file():
+        return settings
+    changes: dict[str, Any] = {}
+    for section, key in RELATIVE_TO_CONFIG_FILE:
+        env = f"ZIMAGE_{section.upper()}__{key.upper()}"
+        current = getattr(settings, section)
+        value = getattr(current, key)
+        if section in overrides or env in os.environ or value is None or value.is_absolute():
+            continue
+        changes[section] = current.model_copy(update={key: toml_path.parent / value})
+    if settings.adapters and "adapters" not in overrides:
+        changes["adapters"] = {
+            name: adapter
+            if adapter.path.is_absolute()
+            else adapter.model_copy(update={"path": toml_path.parent / adapter.path})
+            for name, adapter in settings.adapters.items()
+        }
+    return settings.model_copy(update=changes) if changes else settings

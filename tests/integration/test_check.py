@@ -85,6 +85,22 @@ def test_unreachable_dependency_is_named_and_fails(
     assert name in result.stderr
 
 
+def test_a_granted_input_bucket_is_reached_too(ready_env: dict[str, str], tmp_path: Path) -> None:
+    shipped = (PROJECT_ROOT / "config" / "policy.toml").read_text(encoding="utf-8")
+    assert '"cms-publisher" = ["zimage-inputs/cms/"]' in shipped
+    passing = run_check(ready_env, tmp_path)
+    assert "image inputs from zimage-inputs" in passing.stdout, passing.stdout
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        shipped.replace('"zimage-inputs/cms/"', '"zimage-no-such-bucket/cms/"'), encoding="utf-8"
+    )
+    result = run_check({**ready_env, "ZIMAGE_POLICY__FILE": str(policy)}, tmp_path)
+    assert result.returncode == 1, result.stdout
+    failing = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(failing) == 1 and failing[0].startswith("FAIL object store:"), result.stdout
+    assert "zimage-no-such-bucket" in failing[0]
+
+
 def test_wrong_credentials_fail_without_leaking_them(
     ready_env: dict[str, str], tmp_path: Path
 ) -> None:

@@ -57,6 +57,9 @@ def test_users_show_prints_roles_usage_and_remaining(
 
     code, table = run(cli, "users", "show", "jurgen")
     assert code == 0 and "roles     editor, generator" in table
+    assert "templates any; free prompts yes" in table and "adapters  any" in table
+    code, table = run(cli, "users", "show", "mia")  # marketing: presets only
+    assert code == 0 and "templates tag:marketing; free prompts no" in table
 
 
 def test_denied_users_exit_non_zero_with_the_reason(cli: tuple[CliRunner, dict[str, str]]) -> None:

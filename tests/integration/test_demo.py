@@ -3,6 +3,7 @@ a fresh SQLite ledger and an in-process worker wired as `zimage-pipeline worker`
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import uuid
 from collections import Counter
@@ -19,6 +20,7 @@ from tests.integration.worker_harness import (
     running_worker,
 )
 from zimage_pipeline.demo import bob_quota, run_scenario
+from zimage_pipeline.demo_inputs import packshot
 from zimage_pipeline.demo_plugins import plugin_tables
 from zimage_pipeline.demo_table import expected_outcomes, print_table
 from zimage_pipeline.engine.tiny import make_tiny_model
@@ -26,7 +28,7 @@ from zimage_pipeline.ledger import migrate
 from zimage_pipeline.ledger.db import create_ledger_engine
 from zimage_pipeline.ledger.quota import QuotaLedger
 from zimage_pipeline.ledger.quota_types import Window, user_subject
-from zimage_pipeline.provenance import read_provenance
+from zimage_pipeline.provenance import COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA, read_provenance
 from zimage_pipeline.settings import load_settings
 from zimage_pipeline.storage import ObjectStore
 from zimage_pipeline.wiring import build
@@ -102,9 +104,14 @@ async def test_the_demo_scenario_ends_as_expected(
     # What the table calls stored is in the store; bob's override is the operator's again.
     store = ObjectStore(settings.storage)
     keys = [key for r in rows for key in r.keys]
-    assert len(keys) == 1 + 2
+    assert len(keys) == 1 + 2 + 1 + 1  # hero, bob's two, the preset, the new background
     assert [r.renditions for r in rows if r.kind == "hero"] == [("social", "thumb")]
     assert_signed_by_the_local_root(store, keys)
+    # The background replacement says it is an edit of the packshot the demo made.
+    (edited,) = [key for r in rows if r.kind == "background" for key in r.keys]
+    report = read_provenance(store.get_object(edited))
+    assert report.xmp["Iptc4xmpExt:DigitalSourceType"] == COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA
+    assert report.xmp["zimage:Input_init_image_Sha256"] == hashlib.sha256(packshot()).hexdigest()
     try:
         bob = QuotaLedger(engine).usage(user_subject("bob"))
     finally:

@@ -20,12 +20,14 @@ from sqlalchemy import create_engine, select
 
 from tests.conftest import PROJECT_ROOT
 from tests.integration.worker_harness import (
+    built,
     client,
     client_password,
     delete_private_topology,
     private_settings,
     running_worker,
 )
+from zimage_pipeline.broker import connect_robust
 from zimage_pipeline.engine.tiny import make_tiny_model
 from zimage_pipeline.ids import request_id_of_segment
 from zimage_pipeline.ledger import migrate
@@ -34,7 +36,8 @@ from zimage_pipeline.ledger.txn import as_utc
 from zimage_pipeline.provenance import read_provenance
 from zimage_pipeline.settings import Settings, load_settings
 from zimage_pipeline.storage import ObjectStore, request_prefix
-from zimage_pipeline.wiring import Wiring, build
+from zimage_pipeline.wiring import Wiring
+from zimage_pipeline.worker.topology import declare_exchanges
 
 pytestmark = pytest.mark.integration
 
@@ -61,13 +64,8 @@ def e2e_settings(tiny_model: Path, ledger_url: str, **worker: Any) -> Settings:
 @pytest.fixture
 async def stack(tiny_model: Path, ledger_url: str) -> AsyncIterator[tuple[Settings, Wiring]]:
     settings = e2e_settings(tiny_model, ledger_url)
-    wiring = build(settings)
-    try:
+    async with built(settings) as wiring:
         yield settings, wiring
-    finally:
-        for close in wiring.closers:
-            close()
-        await delete_private_topology(settings)
 
 
 def request(request_id: str, on_behalf_of: str, **fields: Any) -> dict[str, Any]:
@@ -166,6 +164,63 @@ def _worker_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+EXIT_NOT_PUBLISHED = 3
+
+
+def submit_cli(env: dict[str, str], args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "zimage_pipeline.cli", "submit", *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def submit_once_a_worker_is_up(
+    env: dict[str, str], args: list[str], *, within_s: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`zimage-pipeline submit ARGS`, again while the broker queued nothing: a starting
+    worker declares the exchanges and then binds its queues, and a request published in
+    between is refused with exit 3 (nothing queued, safe to resend under the same id)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        submitted = submit_cli(env, args)
+        if submitted.returncode != EXIT_NOT_PUBLISHED or time.monotonic() > deadline:
+            return submitted
+        time.sleep(2)
+
+
+async def test_submit_says_why_nothing_was_queued_when_no_worker_declared_the_queues(
+    tiny_model: Path, sqlite_url: str
+) -> None:
+    """Before any worker ran, the exchange is missing; with the exchanges but no queue
+    bound, the broker returns the message. Either way: exit 3, one clear error line,
+    no traceback."""
+    settings = e2e_settings(tiny_model, sqlite_url)
+    env = _worker_env(settings)
+    env.update(
+        {"ZIMAGE_CLIENT__USERNAME": "alice", "ZIMAGE_CLIENT__PASSWORD": client_password("alice")}
+    )
+    args = ["--prompt", "a quiet harbour", "--request-id", "early-1", "--no-wait"]
+    try:
+        missing = submit_cli(env, args)
+        assert missing.returncode == EXIT_NOT_PUBLISHED, missing.stderr
+        assert "request early-1 was not queued" in missing.stderr
+        assert "start a worker" in missing.stderr and "Traceback" not in missing.stderr
+
+        connection = await connect_robust(settings.broker, name="test-exchanges-only")
+        async with connection:
+            await declare_exchanges(await connection.channel(), settings.broker)
+        unbound = submit_cli(env, [*args[:-1], "--priority", "bulk"])
+        assert unbound.returncode == EXIT_NOT_PUBLISHED, unbound.stderr
+        assert "has no queue for routing key 'bulk'" in unbound.stderr
+        assert "Traceback" not in unbound.stderr
+    finally:
+        await delete_private_topology(settings)
+
+
 @pytest.fixture
 def worker_process(
     tiny_model: Path, sqlite_url: str
@@ -198,38 +253,23 @@ def test_cli_worker_and_submit_then_sigterm_exits_zero(
     env.update(
         {"ZIMAGE_CLIENT__USERNAME": "alice", "ZIMAGE_CLIENT__PASSWORD": client_password("alice")}
     )
-    deadline = time.monotonic() + 120
-    submitted = None
-    while time.monotonic() < deadline:  # the worker declares the topology once warm
-        submitted = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "zimage_pipeline.cli",
-                "submit",
-                "--prompt",
-                "a quiet harbour",
-                "--width",
-                "128",
-                "--height",
-                "128",
-                "--steps",
-                "2",
-                "--request-id",
-                "cli-1",
-                "--label",
-                "pim.sku=SKU-42",
-            ],
-            cwd=PROJECT_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        if "NOT_FOUND" not in submitted.stderr and "no exchange" not in submitted.stderr:
-            break
-        time.sleep(2)
-    assert submitted is not None
+    submitted = submit_once_a_worker_is_up(
+        env,
+        [
+            "--prompt",
+            "a quiet harbour",
+            "--width",
+            "128",
+            "--height",
+            "128",
+            "--steps",
+            "2",
+            "--request-id",
+            "cli-1",
+            "--label",
+            "pim.sku=SKU-42",
+        ],
+    )
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     assert '"status": "succeeded"' in submitted.stdout
     assert "SKU-42" in submitted.stdout

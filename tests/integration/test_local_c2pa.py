@@ -17,8 +17,8 @@ from sqlalchemy import create_engine
 
 from tests.conftest import PROJECT_ROOT, require_env
 from tests.integration.worker_harness import (
+    built,
     client,
-    delete_private_topology,
     private_settings,
     running_worker,
 )
@@ -27,7 +27,7 @@ from zimage_pipeline.ledger import migrate
 from zimage_pipeline.provenance import TRAINED_ALGORITHMIC_MEDIA, read_provenance
 from zimage_pipeline.settings import Settings, load_settings
 from zimage_pipeline.storage import ObjectStore
-from zimage_pipeline.wiring import Wiring, build
+from zimage_pipeline.wiring import Wiring
 
 pytestmark = pytest.mark.integration
 
@@ -61,13 +61,8 @@ async def stack(tmp_path: Path, sqlite_url: str) -> AsyncIterator[tuple[Settings
     )
     if not settings.provenance.c2pa_enabled:
         pytest.fail(NOT_SIGNING)
-    wiring = build(settings)
-    try:
+    async with built(settings) as wiring:
         yield settings, wiring
-    finally:
-        for close in wiring.closers:
-            close()
-        await delete_private_topology(settings)
 
 
 async def test_stored_images_carry_a_manifest_trusted_by_the_local_root(

@@ -14,7 +14,12 @@ from tests.integration.s3_support import storage_settings
 from zimage_pipeline.decoding import decode_request
 from zimage_pipeline.messages import GenerationRequest, ImageFormat
 from zimage_pipeline.ports import EncodedImage
-from zimage_pipeline.storage import ObjectConflictError, ObjectStore, image_key
+from zimage_pipeline.storage import (
+    ObjectConflictError,
+    ObjectStore,
+    audit_record_key,
+    image_key,
+)
 from zimage_pipeline.wiring.outputs import S3Store
 
 pytestmark = pytest.mark.integration
@@ -79,6 +84,30 @@ def test_earlier_attempts_object_is_adopted_and_named_by_the_record(
     assert [r.sha256 for r in outputs.images] == [adopted]
     record = stored_record(objects, outputs.audit_record_key)
     assert record["objects"] == [{"key": key, "sha256": adopted, "bytes": len(earlier)}]
+
+
+def test_an_earlier_attempts_record_naming_other_bytes_is_replaced(prefix: str) -> None:
+    # The earlier attempt wrote its record beside its uploads (a first attempt does) and
+    # died before its second image landed: this retry stores other bytes for that one,
+    # and the record must name what is there, not what the dead attempt planned.
+    objects = ObjectStore(storage_settings())
+    s3 = S3Store(objects, prefix=prefix, presign_ttl_s=0)
+    record_key = audit_record_key(prefix, CREATED, "r-3")
+    planned = [{"key": image_key(prefix, CREATED, "r-3", 1, "png"), "sha256": "0" * 64}]
+    objects.put_json(record_key, {"objects": planned}, metadata={"request-id": "r-3"}, tags={})
+    outputs = s3.store(
+        request=request("r-3"),
+        created_at=CREATED,
+        images=images(2),
+        audit_record={"attempt": 2},
+        first_attempt=False,
+    )
+    record = stored_record(objects, record_key)
+    assert record["attempt"] == 2
+    assert record["objects"] == [
+        {"key": r.key, "sha256": r.sha256, "bytes": r.size} for r in outputs.images
+    ]
+    assert outputs.audit_record_key == record_key
 
 
 def test_another_requests_object_under_the_key_is_a_conflict(prefix: str) -> None:

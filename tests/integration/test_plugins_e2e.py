@@ -9,8 +9,7 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +18,23 @@ from sqlalchemy import create_engine, select
 
 from tests.conftest import PROJECT_ROOT
 from tests.integration.fault_matrix.stack import read_leftover
-from tests.integration.test_end_to_end import _worker_env, e2e_settings, request, tiny_model
-from tests.integration.test_webhook_outbox import Receiver, receiver
+from tests.integration.test_end_to_end import (
+    _worker_env,
+    e2e_settings,
+    request,
+    submit_once_a_worker_is_up,
+    tiny_model,
+)
+from tests.integration.test_webhook_outbox import Receiver, receiver, serving
 from tests.integration.worker_harness import (
+    built,
     client,
     client_password,
     delete_private_topology,
     running_worker,
 )
 from zimage_pipeline.ledger.models import AuditEventRow, Job, QuotaEntry
+from zimage_pipeline.ledger.outbox import SinkOutbox
 from zimage_pipeline.plugins.webhook import verify_signature
 from zimage_pipeline.provenance import read_provenance
 from zimage_pipeline.settings import Settings, load_settings
@@ -56,13 +63,8 @@ async def filtered_stack(
     tiny_model: Path, ledger_url: str
 ) -> AsyncIterator[tuple[Settings, Wiring]]:
     settings = with_plugins(e2e_settings(tiny_model, ledger_url), {"deny_list": DENY_LIST})
-    wiring = build(settings)
-    try:
+    async with built(settings) as wiring:
         yield settings, wiring
-    finally:
-        for close in wiring.closers:
-            close()
-        await delete_private_topology(settings)
 
 
 def ledger_rows(
@@ -198,35 +200,21 @@ def test_a_third_party_plugin_from_its_own_package_serves_a_request(
 
 
 def _submit_when_ready(env: dict[str, str]) -> dict[str, Any]:
-    deadline = time.monotonic() + 120
-    while True:  # the worker declares the topology once warm
-        submitted = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "zimage_pipeline.cli",
-                "submit",
-                "--prompt",
-                "a lighthouse",
-                "--width",
-                "128",
-                "--height",
-                "128",
-                "--steps",
-                "2",
-                "--request-id",
-                "wm-1",
-            ],
-            cwd=PROJECT_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        waiting = "NOT_FOUND" in submitted.stderr or "no exchange" in submitted.stderr
-        if not waiting or time.monotonic() > deadline:
-            break
-        time.sleep(2)
+    submitted = submit_once_a_worker_is_up(
+        env,
+        [
+            "--prompt",
+            "a lighthouse",
+            "--request-id",
+            "wm-1",
+            "--width",
+            "128",
+            "--height",
+            "128",
+            "--steps",
+            "2",
+        ],
+    )
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     return dict(json.loads(submitted.stdout))
 
@@ -326,3 +314,67 @@ async def test_renditions_and_a_signed_webhook_on_the_real_stack(
         signature=post.headers["X-Zimage-Signature"],
     )
     assert post.headers["X-Zimage-Attempt"] == "1"
+
+
+@pytest.fixture
+def other_receiver() -> Iterator[Receiver]:
+    """A second tenant's receiver."""
+    with serving() as state:
+        yield state
+
+
+async def test_webhooks_route_each_tenants_results_to_its_own_receiver(
+    tiny_model: Path, ledger_url: str, receiver: Receiver, other_receiver: Receiver
+) -> None:
+    """Through the worker: alice's results go to alice's receiver, signed with her
+    secret; the CMS's to the CMS's; bob (no route) gets no webhook and nothing queued."""
+    plugins = {
+        "webhook": {
+            "enabled": True,
+            "publishers": {
+                "alice": {"urls": [receiver.url], "secret": "alice-secret"},
+                "cms-publisher": {"urls": [other_receiver.url], "secret": "cms-secret"},
+            },
+        }
+    }
+    settings = with_plugins(e2e_settings(tiny_model, ledger_url), plugins)
+    wiring = build(settings)
+    try:
+        async with (
+            running_worker(settings, wiring.ports),
+            client(settings, "alice") as alice,
+            client(settings, "cms-publisher") as cms,
+            client(settings, "bob") as bob,
+        ):
+            await alice.publish(request("route-alice", "alice"))
+            await cms.publish(request("route-cms", "alice"))
+            await bob.publish(request("route-bob", "alice"))  # refused: bob may not delegate
+            assert (await alice.result_of("route-alice", 120))["status"] == "succeeded"
+            assert (await cms.result_of("route-cms", 120))["status"] == "succeeded"
+            assert (await bob.result_of("route-bob", 60))["reason"] == "DELEGATION_NOT_ALLOWED"
+        (sinks_job,) = [job for job in wiring.periodic if job.name == RESULT_SINKS_JOB]
+        await asyncio.to_thread(sinks_job.run)
+        ledger = create_engine(settings.database.url)
+        try:
+            assert SinkOutbox(ledger).deliveries("route-bob") == []
+            assert len(SinkOutbox(ledger).deliveries("route-alice")) == 1
+        finally:
+            ledger.dispose()
+    finally:
+        for close in wiring.closers:
+            close()
+        await delete_private_topology(settings)
+
+    def posted(to: Receiver) -> list[str]:
+        return [json.loads(r.body)["request_id"] for r in to.requests]
+
+    assert posted(receiver) == ["route-alice"]
+    assert posted(other_receiver) == ["route-cms"]
+    for to, secret in ((receiver, b"alice-secret"), (other_receiver, b"cms-secret")):
+        [post] = to.requests
+        assert verify_signature(
+            secret,
+            timestamp=post.headers["X-Zimage-Timestamp"],
+            body=post.body,
+            signature=post.headers["X-Zimage-Signature"],
+        )

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -78,8 +79,9 @@ class Receiver:
             return self.script.pop(0) if self.script else self.default
 
 
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
+@contextmanager
+def serving() -> Iterator[Receiver]:
+    """A receiver on a free local port, for as long as the block runs."""
     state = Receiver()
 
     class Handler(BaseHTTPRequestHandler):
@@ -98,10 +100,25 @@ def receiver() -> Iterator[Receiver]:
     state.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/zimage"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with serving() as state:
+        yield state
+
+
+@pytest.fixture
+def other_receiver() -> Iterator[Receiver]:
+    """A second tenant's receiver."""
+    with serving() as state:
+        yield state
 
 
 # -- the ledger, the clock, the sink -------------------------------------------------------
@@ -380,6 +397,55 @@ def test_enqueueing_a_result_twice_keeps_one_row(engine: Engine, receiver: Recei
     # Another sink of the same request is another delivery.
     [other] = outbox.enqueue("req-4", result_event("req-4"), ["audit-mirror"])
     assert other not in first and len(outbox.deliveries("req-4")) == 2
+
+
+def test_each_publishers_results_go_to_its_own_receiver_signed_with_its_secret(
+    engine: Engine, ledger_url: str, receiver: Receiver, other_receiver: Receiver
+) -> None:
+    """Two tenants with their own routes: the CMS's receiver never sees the PIM's
+    results, and each delivery verifies with its tenant's secret only. A publisher
+    with no route (and no URLs for everyone) gets nothing queued."""
+    clock = Clock()
+    outbox = SinkOutbox(engine)
+    sink = create(
+        {
+            "publishers": {
+                "cms-publisher": {"urls": [receiver.url], "secret": "cms-secret"},
+                "pim-sync": {"urls": [other_receiver.url], "secret": "pim-secret"},
+            },
+            "timeout_s": 5,
+        }
+    )
+    worker = dispatcher(outbox, {"webhook": sink}, clock)
+
+    assert worker.enqueue_result("cms-1", result_event("cms-1"), "cms-publisher")
+    assert worker.enqueue_result("pim-1", result_event("pim-1"), "pim-sync")
+    assert worker.enqueue_result("bob-1", result_event("bob-1"), "bob") == []
+    assert outbox.deliveries("bob-1") == []
+    assert worker.run_once() == 2
+
+    def posted(to: Receiver) -> list[str]:
+        return [json.loads(r.body)["request_id"] for r in to.requests]
+
+    assert posted(receiver) == ["cms-1"]
+    assert posted(other_receiver) == ["pim-1"]
+    for to, mine, theirs in ((receiver, "cms", "pim"), (other_receiver, "pim", "cms")):
+        [post] = to.requests
+        signed = {
+            "timestamp": post.headers["X-Zimage-Timestamp"],
+            "body": post.body,
+            "signature": post.headers["X-Zimage-Signature"],
+        }
+        assert verify_signature(f"{mine}-secret".encode(), **signed)
+        assert not verify_signature(f"{theirs}-secret".encode(), **signed)
+    [row] = outbox.deliveries("cms-1")
+    assert (row.state, row.publisher) == (DeliveryState.DELIVERED, "cms-publisher")
+    # `audit show` says whose route each delivery took.
+    env = {"ZIMAGE_DATABASE__URL": ledger_url}
+    shown = CliRunner().invoke(app, ["audit", "show", "cms-1", "--format", "json"], env=env)
+    assert shown.exit_code == 0, shown.output
+    [listed] = json.loads(shown.output)["deliveries"]
+    assert (listed["publisher"], listed["state"]) == ("cms-publisher", "delivered")
 
 
 def test_a_full_outbox_records_the_delivery_dead(

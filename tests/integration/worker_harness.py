@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,6 +24,7 @@ from zimage_pipeline.messages import CANCEL_RESULT_SCHEMA
 from zimage_pipeline.observability import Metrics
 from zimage_pipeline.service import Ports, RequestService, ServiceConfig
 from zimage_pipeline.settings import BrokerSettings, Settings, WorkerSettings, load_settings
+from zimage_pipeline.wiring import Wiring, build
 from zimage_pipeline.worker.consumer import Worker
 from zimage_pipeline.worker.topology import results_binding_key
 
@@ -147,6 +150,32 @@ async def client(
         await connection.close()
 
 
+# RabbitMQ's default for the key below (3.10 and later).
+DEFAULT_DEAD_LETTER_RESEND_S = 180.0
+
+
+def broker_dead_letter_resend_s() -> float:
+    """How long the local broker waits before re-sending an at-least-once dead-lettered
+    message that its target queue did not confirm (`dead_letter_worker_publisher_confirm_timeout`).
+
+    A delay-queue copy that expires while its target quorum queue is still recovering from
+    a broker restart is kept, not lost, and comes back after this long: tests that restart
+    the broker wait for it. `scripts/services.sh` lowers it on the local stack."""
+    found = subprocess.run(
+        [
+            "rabbitmqctl",
+            "eval",
+            "application:get_env(rabbit, dead_letter_worker_publisher_confirm_timeout).",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    match = re.search(r"\{ok,\s*(\d+)\}", found.stdout)
+    return int(match.group(1)) / 1000 if match else DEFAULT_DEAD_LETTER_RESEND_S
+
+
 @dataclass
 class RunningWorker:
     worker: Worker
@@ -209,3 +238,16 @@ async def delete_private_topology(settings: Settings, worker: WorkerSettings | N
             b.dead_letter_exchange,
         ):
             await channel.exchange_delete(name)
+
+
+@asynccontextmanager
+async def built(settings: Settings) -> AsyncIterator[Wiring]:
+    """The real adapters for `settings`, built as the worker builds them; closed, and the
+    test's private topology deleted, afterwards."""
+    wiring = build(settings)
+    try:
+        yield wiring
+    finally:
+        for close in wiring.closers:
+            close()
+        await delete_private_topology(settings)

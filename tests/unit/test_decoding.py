@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -212,3 +213,46 @@ def test_depth_scan_is_linear_on_hostile_quotes() -> None:
     started = time.perf_counter()
     assert read_json_object(body) is None
     assert time.perf_counter() - started < 0.5
+
+
+REF = {"bucket": "zimage-inputs", "key": "cms/packshot.png", "sha256": "a" * 64}
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"task": "image_to_image"}, "init_image: image_to_image needs an init image"),
+        ({"init_image": REF}, "init_image: text_to_image takes no init image"),
+        ({"task": "inpaint", "init_image": REF}, "mask_image: inpaint needs a mask"),
+        (
+            {"task": "image_to_image", "init_image": REF, "mask_image": REF},
+            "mask_image: image_to_image takes no mask (only inpaint does)",
+        ),
+        ({"strength": 0.4}, "strength: text_to_image takes no strength"),
+        ({"task": "image_to_image", "init_image": REF, "strength": 0}, "strength"),
+    ],
+)
+def test_a_tasks_inputs_are_checked_naming_the_field(fields: dict[str, Any], named: str) -> None:
+    with pytest.raises(InvalidRequestError, match=re.escape(named)):
+        decode_request(body(**fields))
+
+
+def test_each_task_with_its_inputs_decodes() -> None:
+    edit = decode_request(body(task="image_to_image", init_image=REF, strength=0.3))
+    assert (edit.task.value, edit.strength, edit.init_image is not None) == (
+        "image_to_image",
+        0.3,
+        True,
+    )
+    repaint = decode_request(body(task="inpaint", init_image=REF, mask_image=REF))
+    assert repaint.mask_image is not None and repaint.strength is None
+    assert repaint.repaint_strength == 0.6  # the default of the image tasks
+
+
+@pytest.mark.parametrize("exclude_none", [True, False])
+def test_a_request_serialized_with_its_defaults_decodes_again(exclude_none: bool) -> None:
+    """What a client that builds its message from this model sends (every default
+    included) is a valid request: no default may trip a rule of another field."""
+    request = decode_request(body())
+    sent = request.model_dump_json(by_alias=True, exclude_none=exclude_none).encode()
+    assert decode_request(sent) == request

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -34,6 +35,12 @@ def _rows(bob_ok: int, bob_denied: int, *, dlq: bool = True, signed: bool = True
     rows.append(Outcome.of("carol", "carol", "r-carol", _result("rejected", "NOT_AUTHORIZED")))
     refused = _result("rejected", "PROMPT_REFUSED")
     rows.append(Outcome.of("refused prompt", "cms-publisher", "r-refused", refused))
+    preset = _result("succeeded", keys=("p/0.webp",), renditions=("thumb",))
+    rows.append(Outcome.of("preset", "cms-publisher", "r-preset", preset))
+    free = _result("rejected", "NOT_AUTHORIZED")
+    rows.append(Outcome.of("free prompt", "cms-publisher", "r-free", free))
+    background = _result("succeeded", keys=("g/0.png",), renditions=("thumb",))
+    rows.append(Outcome.of("background", "cms-publisher", "r-background", background))
     named = [r.request_id for r in rows]
     rows += [Outcome.webhook(rid, 1, signed) for rid in named]
     rows.append(
@@ -73,9 +80,18 @@ def test_a_timeout_and_a_success_without_images_are_differences() -> None:
 
 
 def test_the_plan_has_unique_ids_under_the_run_and_one_malformed_message() -> None:
-    plan = build_plan("run-1", bob_batch=5)
+    photo = {"bucket": "zimage-inputs", "key": "cms/run-1/packshot.png", "sha256": "a" * 64}
+    mask = {**photo, "key": "cms/run-1/packshot-mask.png"}
+    plan = build_plan("run-1", bob_batch=5, packshot=(photo, mask))
     ids = [rid for _, _, rid, _ in plan.publications]
-    assert len(set(ids)) == len(ids) == 1 + 5 + 1 + 1 + 1  # hero, batch, carol, refused, junk
+    # hero, batch, carol, refused, junk, preset, free prompt, background
+    assert len(set(ids)) == len(ids) == 1 + 5 + 1 + 1 + 1 + 1 + 1 + 1
+    (background,) = [json.loads(b) for kind, _, _, b in plan.publications if kind == "background"]
+    assert (background["task"], background["init_image"], background["mask_image"]) == (
+        "inpaint",
+        photo,
+        mask,
+    )
     assert all(rid.startswith("run-1-") for rid in ids)
     assert [body for kind, _, _, body in plan.publications if kind == "malformed"] == [
         b"<sku>not json</sku>"

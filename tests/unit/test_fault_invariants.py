@@ -356,3 +356,36 @@ def test_broker_side_allows_the_crash_cases_extra_republishes() -> None:
     answers = [_rejected("a", "INVALID_REQUEST")] * 2
     assert any("2 result(s)" in p for p in _broker_problems(answers, broker))
     assert not any("result(s)" in p for p in _broker_problems(answers, broker, extra_results=1))
+
+
+def test_a_copy_due_while_the_broker_was_down_may_come_back_when_it_is_up() -> None:
+    # Sent at 1 s for 1 s; the broker was down from 1.5 s to 7 s: back at 8 s is fine
+    # (it could not come back before 7 s), at 11 s it is late all the same.
+    outage = [(1500, 7000)]
+    timely = BrokerView(sightings=[Sighting("a"), Sighting("a", "c1", 1, 1000, 8000)])
+    timely.outages = outage
+    late = BrokerView(sightings=[Sighting("a"), Sighting("a", "c1", 1, 1000, 11000)])
+    late.outages = outage
+    answers = [_rejected("a", "INVALID_REQUEST")]
+    assert not any("came back after" in p for p in _broker_problems(answers, timely))
+    assert any("came back after 10.00 s" in p for p in _broker_problems(answers, late))
+    # An outage after the copy was due holds nothing back.
+    after = BrokerView(sightings=[Sighting("a"), Sighting("a", "c1", 1, 1000, 8000)])
+    after.outages = [(2500, 7000)]
+    assert any("came back after 7.00 s" in p for p in _broker_problems(answers, after))
+
+
+def test_a_copy_due_while_the_queues_recover_may_wait_for_the_brokers_resend() -> None:
+    # The broker was down from 1.5 s to 7 s; a copy sent at 8 s for 1 s expired while its
+    # target queue was still recovering. With a 10 s dead-letter resend it may come back
+    # by 7 + 15 (recovery) + 10 s; without one, or later than that, it is late.
+    def view(arrived_ms: int, resend_s: float) -> BrokerView:
+        broker = BrokerView(sightings=[Sighting("a"), Sighting("a", "c1", 1, 8000, arrived_ms)])
+        broker.outages = [(1500, 7000)]
+        broker.dead_letter_resend_s = resend_s
+        return broker
+
+    answers = [_rejected("a", "INVALID_REQUEST")]
+    assert not any("came back after" in p for p in _broker_problems(answers, view(30000, 10)))
+    assert any("came back after 22.00 s" in p for p in _broker_problems(answers, view(30000, 0)))
+    assert any("came back after 28.00 s" in p for p in _broker_problems(answers, view(36000, 10)))

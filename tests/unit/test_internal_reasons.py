@@ -148,8 +148,9 @@ async def test_a_refusal_once_running_ends_failed_with_its_reason(
 
 
 async def test_a_refusal_before_running_is_still_rejected() -> None:
-    service, ledger = make()
-    outcome = await service.handle(body(), principal="bob")  # may not act for alice
+    # bob is a known account that may not act for alice.
+    service, ledger = make(authorizer=FakeAuthorizer(users={"alice": GENEROUS, "bob": GENEROUS}))
+    outcome = await service.handle(body(), principal="bob")
     assert (outcome.result.status, outcome.result.reason) == (
         Status.REJECTED,
         "DELEGATION_NOT_ALLOWED",

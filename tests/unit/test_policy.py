@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,27 @@ def test_snapshot_is_json_and_round_trips() -> None:
     assert EffectivePolicy.from_snapshot(snapshot) == policy
 
 
+def test_adapter_rules_are_the_union_of_the_roles_and_kept_in_the_snapshot() -> None:
+    rules = PolicyRules(
+        groups={GENERATORS: ("brand-a",), DESIGN: ("brand-b",), EDITORS: ("plain",)},
+        roles={
+            "brand-a": RoleSettings(generate=True, adapters=("brand-a-style",)),
+            "brand-b": RoleSettings(generate=True, adapters=("brand-b-style", "ink")),
+            "plain": RoleSettings(generate=True),  # what every role allowed before: any
+        },
+    )
+    both = resolve_policy(identity(GENERATORS, DESIGN), rules)
+    assert both.adapters == {"brand-a-style", "brand-b-style", "ink"}
+    assert resolve_policy(identity(EDITORS), rules).adapters == {"*"}
+    snapshot = json.loads(json.dumps(both.to_snapshot()))
+    assert snapshot["adapters"] == ["brand-a-style", "brand-b-style", "ink"]
+    assert EffectivePolicy.from_snapshot(snapshot) == both
+    del snapshot["adapters"]  # a job recorded before adapter rules existed
+    assert EffectivePolicy.from_snapshot(snapshot).adapters == {"*"}
+    with pytest.raises(ValueError, match="adapters"):
+        RoleSettings(adapters=("../etc/passwd",))
+
+
 def test_policy_file_and_inline_tables_merge(tmp_path: Path) -> None:
     path = tmp_path / "policy.toml"
     path.write_text(
@@ -144,3 +166,60 @@ def test_shipped_policy_file_is_valid() -> None:
     root = Path(__file__).resolve().parents[2]
     rules = PolicySettings(file=root / "config" / "policy.toml").load_rules()
     assert "generator" in rules.roles and rules.teams
+
+
+def test_the_shipped_policy_shows_the_three_people_of_the_templates_example() -> None:
+    root = Path(__file__).resolve().parents[2]
+    rules = PolicySettings(file=root / "config" / "policy.toml").load_rules()
+    group = "cn={},ou=groups,dc=example,dc=org".format
+    director = resolve_policy(identity(group("design-directors")), rules)
+    intern = resolve_policy(identity(group("interns")), rules)
+    marketing = resolve_policy(identity(group("marketing")), rules)
+    assert director.free_prompt and director.templates == {"*"}
+    assert director.user_quota.images_per_day is None
+    assert intern.free_prompt and intern.user_quota.images_per_day == 50
+    assert not marketing.free_prompt and marketing.templates == {"tag:marketing"}
+
+
+def test_a_broken_policy_edit_keeps_the_last_good_rules(tmp_path: Path) -> None:
+    from zimage_pipeline.policy import load_rules, policy_refused
+
+    path = tmp_path / "policy.toml"
+    path.write_text(f'[groups]\n"{GENERATORS}" = ["g"]\n[roles.g]\ngenerate = true\n')
+    settings = PolicySettings(file=path)
+    good = load_rules(settings)
+    assert policy_refused(settings) is None
+    path.write_text('[groups]\n"cn=x" = ["ghost"]\n')
+    os.utime(path, ns=(1, 1))  # a new modification time, however fast the test runs
+    assert load_rules(settings) is good
+    refused = policy_refused(settings)
+    assert refused is not None and "undefined roles" in refused
+    path.write_text(f'[groups]\n"{GENERATORS}" = ["g"]\n[roles.g]\ngenerate = false\n')
+    os.utime(path, ns=(2, 2))
+    assert not load_rules(settings).roles["g"].generate and policy_refused(settings) is None
+
+
+def test_a_broken_policy_at_startup_is_an_error(tmp_path: Path) -> None:
+    from zimage_pipeline.policy import load_rules
+
+    with pytest.raises(ConfigError, match="No such file"):
+        load_rules(PolicySettings(file=tmp_path / "policy.toml"))
+
+
+def test_paths_in_a_config_file_are_relative_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zimage_pipeline.settings import load_settings
+
+    for name in list(os.environ):
+        if name.startswith("ZIMAGE_"):
+            monkeypatch.delenv(name)
+    config = tmp_path / "etc" / "zimage.toml"
+    config.parent.mkdir()
+    config.write_text('[policy]\nfile = "rules/policy.toml"\n')
+    monkeypatch.chdir(tmp_path)  # not the config file's directory
+    settings = load_settings(config)
+    assert settings.policy.file == tmp_path / "etc" / "rules" / "policy.toml"
+    assert settings.templates.dir == tmp_path / "etc" / "templates"  # the default, too
+    monkeypatch.setenv("ZIMAGE_POLICY__FILE", "here.toml")  # the environment's own path
+    assert load_settings(config).policy.file == Path("here.toml")

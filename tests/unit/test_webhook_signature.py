@@ -209,3 +209,83 @@ def test_a_failed_post_names_the_host_never_the_secret_or_path() -> None:
     assert f"127.0.0.1:{port}" in message and "attempt 2" in message
     for hidden in ("s3cr3t-value", "token-abc", "key=k1"):
         assert hidden not in message
+
+
+# -- routes: each tenant's results to its own receivers, signed with its own secret --------
+
+ROUTED = {
+    "publishers": {
+        "cms-publisher": {"urls": ["https://cms.example/hook"], "secret": "cms-secret"},
+        "pim-sync": {"urls": ["https://pim.example/hook"]},  # signs with the shared one
+    },
+    "secret": "shared-secret",
+}
+
+
+def _targets(sink: WebhookSink, publisher: str | None) -> list[tuple[str, str]]:
+    return [(url, secret.get_secret_value()) for url, secret in sink.targets(publisher)]
+
+
+def test_each_publisher_gets_its_own_route_only() -> None:
+    sink = create(ROUTED)
+    assert _targets(sink, "cms-publisher") == [("https://cms.example/hook", "cms-secret")]
+    assert _targets(sink, "pim-sync") == [("https://pim.example/hook", "shared-secret")]
+    # A publisher without a route, with no URLs for everyone, gets no webhook at all.
+    assert _targets(sink, "bob") == [] and not sink.wants("bob") and not sink.wants(None)
+    assert sink.wants("cms-publisher")
+    # URLs for everyone come first, signed with the shared secret, then the route's.
+    both = create({**ROUTED, "urls": ["https://router.internal/zimage"]})
+    assert _targets(both, "cms-publisher") == [
+        ("https://router.internal/zimage", "shared-secret"),
+        ("https://cms.example/hook", "cms-secret"),
+    ]
+    assert _targets(both, "bob") == [("https://router.internal/zimage", "shared-secret")]
+
+
+def test_a_route_signs_with_its_own_secret() -> None:
+    sink = create(ROUTED)
+    delivery = SinkDelivery("d" * 32, "r1", 1, EVENT, publisher="cms-publisher")
+    [(_url, secret)] = sink.targets("cms-publisher")
+    headers = sink.headers(delivery, BODY, secret=secret)
+    assert verify_signature(
+        b"cms-secret",
+        timestamp=headers["X-Zimage-Timestamp"],
+        body=BODY,
+        signature=headers["X-Zimage-Signature"],
+    )
+    assert not verify_signature(
+        b"shared-secret",
+        timestamp=headers["X-Zimage-Timestamp"],
+        body=BODY,
+        signature=headers["X-Zimage-Signature"],
+    )
+
+
+def test_routes_every_one_with_its_secret_need_no_shared_secret() -> None:
+    routes = {"a": {"urls": ["https://a.example/h"], "secret": "sa"}}
+    assert _targets(create({"publishers": routes}), "a") == [("https://a.example/h", "sa")]
+    # A route without a secret of its own needs the shared one, and says so.
+    with pytest.raises(ConfigError, match=r"plugins\.webhook\.secret: missing"):
+        create({"publishers": {"a": {"urls": ["https://a.example/h"]}}})
+
+
+@pytest.mark.parametrize(
+    ("table", "named"),
+    [
+        ({}, "plugins.webhook.urls"),
+        ({"publishers": {"a": {"urls": []}}}, "plugins.webhook.publishers.a.urls"),
+        ({"publishers": {"a": {"urls": ["ftp://a.example"]}}}, "plugins.webhook.publishers.a.urls"),
+        ({"publishers": {"a": {"urls": ["https://a.example"], "x": 1}}}, "publishers.a.x"),
+    ],
+)
+def test_a_bad_route_names_the_key(table: dict[str, object], named: str) -> None:
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        create({"secret": "s", **table})
+
+
+def test_plugins_list_masks_a_routes_secret() -> None:
+    from zimage_pipeline.plugins.registry import masked
+
+    shown = masked(ROUTED)
+    assert "cms-secret" not in str(shown) and "shared-secret" not in str(shown)
+    assert shown["publishers"]["cms-publisher"]["urls"] == ["https://cms.example/hook"]

@@ -43,10 +43,10 @@ from sqlalchemy import Connection, Engine, select
 from zimage_pipeline.audit.chain import as_utc
 from zimage_pipeline.audit.errors import AnchorConflictError, AuditError
 from zimage_pipeline.ledger.models import AuditChainHead, AuditEventRow
+from zimage_pipeline.ports import Objects
 from zimage_pipeline.settings import AuditSettings, StorageSettings
 from zimage_pipeline.storage import (
     ObjectConflictError,
-    ObjectStore,
     StorageError,
     StorageFailedError,
     anchor_key,
@@ -102,7 +102,7 @@ class ChainAnchorer:
     def __init__(
         self,
         engine: Engine,
-        store: ObjectStore,
+        store: Objects,
         *,
         storage: StorageSettings,
         audit: AuditSettings,
@@ -116,6 +116,10 @@ class ChainAnchorer:
         self._last_anchor_at: float | None = None
         self._last_seq = -1
         self._lock = threading.Lock()
+        # When this process last saw the chain head anchored (written now, or already
+        # anchored, or nothing to anchor): the worker's anchor-age gauge reads it. Counted
+        # from the start, so anchoring that never works shows as an ever older age.
+        self._anchored_at = clock()
 
     @property
     def bucket(self) -> str:
@@ -134,8 +138,18 @@ class ChainAnchorer:
 
     # -- writing ---------------------------------------------------------------------
 
+    def seconds_since_anchored(self) -> float:
+        """Seconds since the chain head was last known anchored by this process (the
+        `zimage_audit_anchor_age_seconds` gauge); no I/O, safe to call per scrape."""
+        return max(0.0, self._clock() - self._anchored_at)
+
     def anchor(self) -> Anchor | None:
         """Write the current head (None when the chain is empty or already anchored here)."""
+        written = self._anchor()
+        self._anchored_at = self._clock()  # only reached when nothing raised
+        return written
+
+    def _anchor(self) -> Anchor | None:
         with self.engine.connect() as conn:
             head = conn.execute(
                 select(AuditChainHead.seq, AuditChainHead.event_hash).where(AuditChainHead.id == 1)

@@ -186,7 +186,8 @@ class AuditLog:
 
         Payload keys the query index understands: `user` (or `on_behalf_of`),
         `principal`, `groups` (list), `model`, `labels` ({key: value}), `reason`,
-        `prompt`, `negative_prompt`. Anything else JSON-serialisable is kept as is.
+        `prompt`, `negative_prompt`, `template` ({id, version, ...}: the id and version
+        are indexed). Anything else JSON-serialisable is kept as is.
         """
         record = AuditRecord(request_id, event_type, actor, payload)
         return self.append_many([record], at=at, connection=connection)[0]

@@ -10,6 +10,7 @@ other worker waits for that lock.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol, cast
@@ -68,6 +69,26 @@ def model_name(value: Any) -> str | None:
     return str(value)
 
 
+# A template id as the catalogue and the request schema spell it (templates/model.py).
+TEMPLATE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+MAX_TEMPLATE_VERSION = 2**31 - 1  # the column is a 32-bit INTEGER on PostgreSQL
+
+
+def template_of(value: Any) -> tuple[str, int | None] | None:
+    """The (id, version) a `template` payload mapping names, or None where it names no
+    well-formed id: the trail keeps whatever was written, the index only what it can
+    answer for. A version that is not a positive integer is left out, the id kept."""
+    if not isinstance(value, Mapping):
+        return None
+    template_id = value.get("id")
+    if not isinstance(template_id, str) or TEMPLATE_ID.fullmatch(template_id) is None:
+        return None
+    version = value.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        return template_id, None
+    return template_id, version if 1 <= version <= MAX_TEMPLATE_VERSION else None
+
+
 def _next_status(current: str | None, event_type: str) -> str | None:
     new = STATUS_OF.get(event_type)
     if new is None or (current in STICKY and new not in STICKY):
@@ -93,6 +114,7 @@ def update_request_index(conn: Connection, events: Sequence[IndexedEvent]) -> No
             "events": len(request_events),
             **dict.fromkeys(("subject", "principal", "model", "reason"), None),
             **dict.fromkeys(("prompt_sha256", "prompt_text"), None),
+            **dict.fromkeys(("template_id", "template_version"), None),
             **_folded(None, request_events),
         }
         for request_id, request_events in sorted(by_request.items())  # row-lock order
@@ -155,6 +177,11 @@ def _merged_columns(new: Any) -> dict[str, Any]:
         "prompt_text": case(
             (new.prompt_sha256.is_not(None), new.prompt_text), else_=old.prompt_text
         ),
+        # The id and its version are one fact: set together, from the same event.
+        "template_id": func.coalesce(new.template_id, old.template_id),
+        "template_version": case(
+            (new.template_id.is_not(None), new.template_version), else_=old.template_version
+        ),
         "last_at": new.last_at,
         "events": old.events + new.events,
     }
@@ -177,6 +204,9 @@ def _folded(status: str | None, events: Sequence[IndexedEvent]) -> dict[str, Any
         if payload.get("prompt_sha256") is not None:
             values["prompt_sha256"] = payload["prompt_sha256"]
             values["prompt_text"] = (event.prompts or {}).get("prompt")
+        template = template_of(payload.get("template"))
+        if template is not None:
+            values["template_id"], values["template_version"] = template
     values["status"] = status
     values["last_at"] = events[-1].at
     return values

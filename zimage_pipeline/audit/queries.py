@@ -1,10 +1,10 @@
 """Compliance queries: which requests match, and one request's whole story.
 
 Filters run on the per-request index (`audit_requests` and its group and label tables),
-each backed by an index that leads with the filtered column and then `first_at`, so a
-filter plus a time range plus newest-first paging stays an index range scan at millions
-of events. Prompt text search is a substring match on retained prompts: narrow it with
-a time range or another filter on large ledgers.
+each backed by an index that leads with the filtered column (user, status, model, reason,
+template) and then `first_at`, so a filter plus a time range plus newest-first paging
+stays an index range scan at millions of events. Prompt text search is a substring match
+on retained prompts: narrow it with a time range or another filter on large ledgers.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ class AuditFilter:
     model: str | None = None
     labels: tuple[tuple[str | None, str], ...] = ()  # (key or None for any key, value)
     prompt: str | None = None
+    template: str | None = None  # template id
+    template_version: int | None = None
     limit: int | None = 100
 
 
@@ -55,6 +57,17 @@ class RequestSummary:
     prompt: str | None
     groups: tuple[str, ...] = ()
     labels: dict[str, list[str]] = field(default_factory=dict)
+    template_id: str | None = None
+    template_version: int | None = None
+
+    @property
+    def template(self) -> str | None:
+        """`id@vN` (or the id alone where no version was recorded); None for a free prompt."""
+        if self.template_id is None:
+            return None
+        if self.template_version is None:
+            return self.template_id
+        return f"{self.template_id}@v{self.template_version}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +84,11 @@ class RequestSummary:
             "labels": self.labels,
             "prompt_sha256": self.prompt_sha256,
             "prompt": self.prompt,
+            "template": (
+                None
+                if self.template_id is None
+                else {"id": self.template_id, "version": self.template_version}
+            ),
         }
 
 
@@ -89,6 +107,10 @@ def build_query(f: AuditFilter) -> Select[Any]:
         conditions.append(r.reason == f.reason)
     if f.model is not None:
         conditions.append(r.model == f.model)
+    if f.template is not None:
+        conditions.append(r.template_id == f.template)
+    if f.template_version is not None:
+        conditions.append(r.template_version == f.template_version)
     if f.since is not None:
         conditions.append(r.first_at >= as_utc(f.since))
     if f.until is not None:
@@ -153,6 +175,8 @@ def _with_children(conn: Any, rows: Sequence[Any]) -> Iterator[RequestSummary]:
             prompt=row.prompt_text,
             groups=tuple(sorted(groups.get(row.request_id, []))),
             labels=labels.get(row.request_id, {}),
+            template_id=row.template_id,
+            template_version=row.template_version,
         )
 
 

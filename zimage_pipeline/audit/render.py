@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from zimage_pipeline.provenance import ProvenanceReport
 
 COLUMNS = ("first_at", "request_id", "user", "status", "reason", "model", "events", "labels")
+# The table shows a template column (`id@vN`, after the model) only when a row has one,
+# so a ledger without templates reads as before; CSV appends it after the other columns.
+TEMPLATE_COLUMNS = (*COLUMNS[:6], "template", *COLUMNS[6:])
 MAX_CELL = 40
 
 
@@ -23,11 +26,12 @@ def _labels(summary: RequestSummary) -> str:
     return ",".join(f"{k}={v}" for k, values in sorted(summary.labels.items()) for v in values)
 
 
-def _cells(summary: RequestSummary) -> list[str]:
+def _cells(summary: RequestSummary, columns: Sequence[str] = COLUMNS) -> list[str]:
     row = summary.to_dict()
     row["first_at"] = format_time(summary.first_at)[:19] + "Z"
     row["labels"] = _labels(summary)
-    return ["" if row[c] is None else str(row[c]) for c in COLUMNS]
+    row["template"] = summary.template
+    return ["" if row[c] is None else str(row[c]) for c in columns]
 
 
 def render_requests(rows: Iterable[RequestSummary], output: str) -> Iterator[str]:
@@ -37,7 +41,13 @@ def render_requests(rows: Iterable[RequestSummary], output: str) -> Iterator[str
     elif output == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="")
-        writer.writerow([*COLUMNS, "principal", "groups", "prompt_sha256", "prompt"])
+        writer.writerow(
+            [
+                *COLUMNS,
+                *("principal", "groups", "prompt_sha256", "prompt"),
+                *("template_id", "template_version"),
+            ]
+        )
         yield _take(buffer)
         for summary in rows:
             extra = [
@@ -45,11 +55,16 @@ def render_requests(rows: Iterable[RequestSummary], output: str) -> Iterator[str
                 ";".join(summary.groups),
                 summary.prompt_sha256 or "",
                 summary.prompt or "",
+                summary.template_id or "",
+                "" if summary.template_version is None else str(summary.template_version),
             ]
             writer.writerow([*_cells(summary), *extra])
             yield _take(buffer)
     else:
-        yield from _table([_cells(s) for s in rows])
+        summaries = list(rows)
+        templated = any(s.template_id is not None for s in summaries)
+        columns = TEMPLATE_COLUMNS if templated else COLUMNS
+        yield from _table([_cells(s, columns) for s in summaries], columns)
 
 
 def _take(buffer: io.StringIO) -> str:
@@ -59,11 +74,11 @@ def _take(buffer: io.StringIO) -> str:
     return text
 
 
-def _table(rows: Sequence[list[str]]) -> Iterator[str]:
+def _table(rows: Sequence[list[str]], columns: Sequence[str]) -> Iterator[str]:
     # A table needs every row to size its columns; --format jsonl streams instead.
     clipped = [[c if len(c) <= MAX_CELL else c[: MAX_CELL - 1] + "…" for c in r] for r in rows]
-    widths = [max([len(h), *(len(r[i]) for r in clipped)]) for i, h in enumerate(COLUMNS)]
-    yield "  ".join(h.ljust(w) for h, w in zip(COLUMNS, widths, strict=True)).rstrip()
+    widths = [max([len(h), *(len(r[i]) for r in clipped)]) for i, h in enumerate(columns)]
+    yield "  ".join(h.ljust(w) for h, w in zip(columns, widths, strict=True)).rstrip()
     for row in clipped:
         yield "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
     yield f"({len(rows)} request{'s' if len(rows) != 1 else ''})"
@@ -91,6 +106,8 @@ def render_story(
         yield f"  user {summary.subject or '-'}  principal {summary.principal or '-'}"
         yield f"  model {summary.model or '-'}  groups {', '.join(summary.groups) or '-'}"
         yield f"  labels {_labels(summary) or '-'}"
+        if summary.template is not None:
+            yield f"  template {summary.template}"
         if summary.prompt is not None:
             yield f"  prompt {summary.prompt!r}"
         elif summary.prompt_sha256:
@@ -110,9 +127,10 @@ def _deliveries(deliveries: Sequence[DeliveryRow]) -> Iterator[str]:
     for delivery in deliveries:
         when = delivery.finished_at or delivery.next_attempt_at
         label = "at" if delivery.finished_at else "next"
+        route = f"  for {delivery.publisher}" if delivery.publisher else ""
         yield (
             f"  {delivery.sink:<12} {delivery.delivery_id}  {delivery.state.value:<9} "
-            f"attempts {delivery.attempts}  {label} {format_time(when)}"
+            f"attempts {delivery.attempts}  {label} {format_time(when)}{route}"
         )
         if delivery.last_error:
             yield f"    last error: {delivery.last_error}"
@@ -121,6 +139,7 @@ def _deliveries(deliveries: Sequence[DeliveryRow]) -> Iterator[str]:
 def _delivery_dict(delivery: DeliveryRow) -> dict[str, object]:
     return {
         "sink": delivery.sink,
+        "publisher": delivery.publisher,
         "delivery_id": delivery.delivery_id,
         "state": delivery.state.value,
         "attempts": delivery.attempts,

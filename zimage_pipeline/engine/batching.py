@@ -1,10 +1,11 @@
-"""Which specs run together: equal size, steps and guidance, at most ``limit`` at a time."""
+"""Which specs run together: equal size, steps, guidance, task, strength and adapters
+(names and weights), at most ``limit`` at a time."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from zimage_pipeline.engine.types import GenerationSpec
+from zimage_pipeline.engine.types import BatchKey, GenerationSpec
 
 
 def plan_batches(
@@ -15,7 +16,7 @@ def plan_batches(
     ``limit(spec)`` is the largest batch for that spec's shape (max_batch, lowered after an
     out-of-memory at that size).
     """
-    groups: dict[tuple[int, int, int, float], list[int]] = {}
+    groups: dict[BatchKey, list[int]] = {}
     for index, spec in enumerate(specs):
         groups.setdefault(spec.batch_key, []).append(index)
     batches: list[list[int]] = []

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from zimage_pipeline.adapters import AdapterEntry
 from zimage_pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -53,8 +54,20 @@ class EngineConfig:
     vae_decode_batch: int = 1  # images per VAE decoder call (1: its static batch-1 graph)
     # LOSSY, opt-in (fp8.py): the blocks' projections as FP8 GEMMs; not bf16-equal output.
     linear_fp8: bool = False
+    # LoRA adapters a request may name (adapters.py, engine/adapters.py); none: no slots.
+    adapters: tuple[AdapterEntry, ...] = ()
+    adapter_slots: int = 2  # adapters at once: fixed LoRA slots, so no recompile on a switch
+    max_loaded_adapters: int = 3  # adapters kept in device memory (LRU)
+    adapter_rank: int = 64  # the largest rank an adapter may have (the slots' rank)
 
     def __post_init__(self) -> None:
+        if self.adapters and self.linear_fp8:
+            raise ConfigError(
+                "[adapters] and engine.linear_fp8 are exclusive: LoRA layers wrap bf16 "
+                "linear layers, not FP8 ones"
+            )
+        if self.max_loaded_adapters < self.adapter_slots:
+            raise ConfigError("engine.max_loaded_adapters must be at least engine.adapter_slots")
         if self.max_batch < 1:
             raise ConfigError("engine.max_batch must be at least 1")
         if self.default_steps < 1:
@@ -70,7 +83,9 @@ class EngineConfig:
             )
 
     @classmethod
-    def from_settings(cls, settings: EngineSettings) -> EngineConfig:
+    def from_settings(
+        cls, settings: EngineSettings, adapters: tuple[AdapterEntry, ...] = ()
+    ) -> EngineConfig:
         return cls(
             model_path=settings.model_path,
             revision=settings.revision,
@@ -89,6 +104,10 @@ class EngineConfig:
             prompt_bucket=settings.prompt_bucket,
             vae_decode_batch=settings.vae_decode_batch,
             linear_fp8=settings.linear_fp8,
+            adapters=adapters,
+            adapter_slots=settings.adapter_slots,
+            max_loaded_adapters=settings.max_loaded_adapters,
+            adapter_rank=settings.adapter_rank,
         )
 
 

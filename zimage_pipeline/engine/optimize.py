@@ -51,7 +51,10 @@ def optimize_pipeline(pipe: Any, *, config: EngineConfig, device: Any) -> bool:
             module.requires_grad_(False)
     if config.real_rope:
         use_real_rope(pipe.transformer)
-    if config.fuse_projections:
+    if config.fuse_projections and config.adapters:
+        # LoRA layers wrap diffusers' own q/k/v and w1/w3 modules, which fusion replaces.
+        log.warning("engine.fuse_projections ignored: [adapters] are configured")
+    elif config.fuse_projections:
         if config.memory_mode is Placement.SEQUENTIAL_OFFLOAD:
             # Offload hooks sit on each linear layer; new fused layers would have none.
             log.warning("engine.fuse_projections ignored with sequential offload")
@@ -68,6 +71,11 @@ def optimize_pipeline(pipe: Any, *, config: EngineConfig, device: Any) -> bool:
     # recompile each layer (36 variants, past the recompile limit).
     if getattr(pipe.text_encoder.config, "use_cache", False):
         pipe.text_encoder.config.use_cache = False
+    if config.adapters:
+        from zimage_pipeline.engine.adapters import install_slots
+
+        # Before compiling: the compiled blocks then include the slots' LoRA layers.
+        install_slots(pipe, slots=config.adapter_slots, rank=config.adapter_rank)
     if not config.compile or device.type != "cuda":
         return False
     if config.memory_mode is Placement.SEQUENTIAL_OFFLOAD:
@@ -122,7 +130,10 @@ def compile_pipeline(pipe: Any, *, mode: str | None) -> None:
     pipe.transformer.compile_repeated_blocks(**options)
     # The decoder has data-dependent Python branches (upcasting), so no fullgraph here.
     pipe.vae.decoder.compile(**({"mode": mode} if mode else {}))
-    log.info("torch.compile enabled (mode=%s): transformer blocks and VAE decoder", mode)
+    # The encoder turns image_to_image and inpaint's init images into latents (twice
+    # for inpaint): 58 ms eager, 20 ms compiled on an H200 (bench/NOTES.md, tasks).
+    pipe.vae.encoder.compile(**({"mode": mode} if mode else {}))
+    log.info("torch.compile enabled (mode=%s): transformer blocks, VAE decoder and encoder", mode)
 
 
 def compile_text_encoder(pipe: Any) -> int:

@@ -8,7 +8,7 @@ version give the same files.
 from __future__ import annotations
 
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 from zimage_pipeline.engine.architecture import TINY, build_random_pipeline
@@ -30,7 +30,10 @@ def make_tiny_model(directory: Path, *, seed: int = DEFAULT_SEED, force: bool = 
         shutil.rmtree(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     pipe = build_random_pipeline(TINY, seed=seed)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    # mkdir, not tempfile.mkdtemp: mkdtemp makes the directory 0700, and the renamed model
+    # would then be unreadable to the worker's own user in an image or on a shared volume.
+    staging = directory.parent / f".{directory.name}.{uuid.uuid4().hex}.partial"
+    staging.mkdir()
     try:
         pipe.save_pretrained(staging, safe_serialization=True)
         if directory.exists():

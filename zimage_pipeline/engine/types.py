@@ -26,6 +26,16 @@ MAX_SIDE = 4096
 MAX_STEPS = 100
 MAX_GUIDANCE_SCALE = 50.0
 MAX_SEED = 2**63 - 1
+# What an image is made from: a prompt alone, a prompt and an init image, or a prompt, an
+# init image and a mask (white = repaint). One set of weights serves all three.
+TEXT_TO_IMAGE = "text_to_image"
+IMAGE_TO_IMAGE = "image_to_image"
+INPAINT = "inpaint"
+TASKS = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINT)
+DEFAULT_STRENGTH = 0.6
+
+
+BatchKey = tuple[int, int, int, float, str, float, tuple[tuple[str, float], ...]]
 
 
 class SpecLike(Protocol):
@@ -58,6 +68,13 @@ class GenerationSpec:
     height: int = DEFAULT_HEIGHT
     steps: int = DEFAULT_STEPS
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    task: str = TEXT_TO_IMAGE
+    # RGB PIL images of the spec's size (image_to_image, inpaint); the mask in mode L.
+    init_image: Any = None
+    mask_image: Any = None
+    strength: float = DEFAULT_STRENGTH  # how much of the init image is repainted (0..1]
+    # LoRA adapters of the engine's catalogue, (name, weight) in the request's order.
+    adapters: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         validate_spec(self)
@@ -74,12 +91,26 @@ class GenerationSpec:
             height=spec.height,
             steps=spec.steps,
             guidance_scale=spec.guidance_scale,
+            task=getattr(spec, "task", TEXT_TO_IMAGE),
+            init_image=getattr(spec, "init_image", None),
+            mask_image=getattr(spec, "mask_image", None),
+            strength=getattr(spec, "strength", DEFAULT_STRENGTH),
+            adapters=tuple(getattr(spec, "adapters", ())),
         )
 
     @property
-    def batch_key(self) -> tuple[int, int, int, float]:
-        """Specs with equal keys can share one batch (one latent shape, one schedule)."""
-        return (self.width, self.height, self.steps, self.guidance_scale)
+    def batch_key(self) -> BatchKey:
+        """Specs with equal keys can share one batch (one latent shape, one schedule, one
+        task and strength, one set of adapters and weights: the same pipeline call)."""
+        return (
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance_scale,
+            self.task,
+            self.strength,
+            self.adapters,
+        )
 
 
 def validate_spec(spec: GenerationSpec) -> None:
@@ -101,8 +132,33 @@ def validate_spec(spec: GenerationSpec) -> None:
         )
     if isinstance(spec.seed, bool) or not 0 <= spec.seed <= MAX_SEED:
         problems.append(f"seed must be an integer in [0, 2**63-1], got {spec.seed}")
+    problems += _task_problems(spec)
+    names = [name for name, _ in spec.adapters]
+    if len(set(names)) != len(names):
+        problems.append(f"adapters named twice: {names}")
+    for name, weight in spec.adapters:
+        if not (math.isfinite(weight) and -2.0 <= weight <= 2.0):
+            problems.append(f"adapter {name!r}: weight must be in [-2, 2], got {weight}")
     if problems:
         raise InvalidGenerationSpec("; ".join(problems))
+
+
+def _task_problems(spec: GenerationSpec) -> list[str]:
+    if spec.task not in TASKS:
+        return [f"task must be one of {', '.join(TASKS)}, got {spec.task!r}"]
+    problems = []
+    needs_image = spec.task != TEXT_TO_IMAGE
+    if needs_image != (spec.init_image is not None):
+        problems.append(f"{spec.task} takes {'an' if needs_image else 'no'} init image")
+    if (spec.task == INPAINT) != (spec.mask_image is not None):
+        problems.append(f"{spec.task} takes {'a' if spec.task == INPAINT else 'no'} mask")
+    for name, image in (("init image", spec.init_image), ("mask", spec.mask_image)):
+        size = getattr(image, "size", None)
+        if image is not None and size != (spec.width, spec.height):
+            problems.append(f"the {name} is {size}, not the spec's {spec.width}x{spec.height}")
+    if needs_image and not (math.isfinite(spec.strength) and 0.0 < spec.strength <= 1.0):
+        problems.append(f"strength must be in (0, 1], got {spec.strength}")
+    return problems
 
 
 @dataclass(frozen=True, slots=True)

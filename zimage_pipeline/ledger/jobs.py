@@ -27,6 +27,7 @@ from sqlalchemy import Connection, Engine, Executable, Row, Table, bindparam, de
 from zimage_pipeline.errors import InternalStateError
 from zimage_pipeline.ledger.models import Job, JobStatus
 from zimage_pipeline.ledger.txn import as_utc, dialect_insert, run_read, run_write, utcnow
+from zimage_pipeline.messages import TemplateRef
 
 __all__ = [
     "BeginKind",
@@ -179,11 +180,13 @@ class JobStore:
         worker_id: str,
         roles_snapshot: Mapping[str, Any],
         connection: Connection,
+        template: TemplateRef | None = None,
     ) -> bool:
         """`begin` and `start` of a first delivery in the caller's transaction: the job
         is inserted running. False, inserting nothing, if the request_id exists."""
         row = _new_row(request_id, payload_sha256, principal, on_behalf_of, worker_id, utcnow())
         row.update(status=JobStatus.RUNNING.value, roles_snapshot=dict(roles_snapshot))
+        row.update(_template_columns(template))
         return connection.execute(_insert_new(connection.dialect.name), row).first() is not None
 
     def mark(
@@ -211,10 +214,13 @@ class JobStore:
         *,
         roles_snapshot: Mapping[str, Any],
         connection: Connection | None = None,
+        template: TemplateRef | None = None,
     ) -> JobRecord:
         """Authorized and running in one step, for an admission that reserves the quota
-        in the same transaction (no one can observe the job in between)."""
+        in the same transaction (no one can observe the job in between). `template`: the
+        one its request was rendered from (recorded on the row)."""
         values = {"reason": None, "roles_snapshot": dict(roles_snapshot)}
+        values.update(_template_columns(template))
         sources = (JobStatus.RECEIVED, JobStatus.AUTHORIZED, JobStatus.RUNNING)
         return self._move(request_id, JobStatus.RUNNING, values, connection, sources=sources)
 
@@ -471,3 +477,14 @@ def _require(connection: Connection, request_id: str) -> JobRecord:
     if job is None:
         raise JobNotFoundError(f"no job for request {request_id!r}")
     return job
+
+
+def _template_columns(template: TemplateRef | None) -> dict[str, Any]:
+    """The job row's record of the template a request was rendered from (NULLs: none)."""
+    if template is None:
+        return {}
+    return {
+        "template_id": template.id,
+        "template_version": template.version,
+        "template_sha256": template.sha256,
+    }

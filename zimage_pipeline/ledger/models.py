@@ -68,6 +68,10 @@ class Job(Base):
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The template the request was rendered from (revision 0006); NULL for a free prompt.
+    template_id: Mapped[str | None] = mapped_column(String(64))
+    template_version: Mapped[int | None] = mapped_column(Integer)
+    template_sha256: Mapped[str | None] = mapped_column(String(64))
 
 
 # --- Quota (revision 0002). Subjects are "user:<username>" or "team:<group DN>". ---
@@ -187,6 +191,10 @@ class AuditRequest(Base):
         Index(None, "status", "first_at"),
         Index(None, "model", "first_at"),
         Index(None, "reason", "first_at"),
+        Index(None, "template_id", "first_at"),
+        # One version of a template ("made before the colour changed"): versions follow
+        # time, so the (template_id, first_at) range alone reads past every later one.
+        Index(None, "template_id", "template_version", "first_at"),
     )
 
     request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
@@ -200,6 +208,9 @@ class AuditRequest(Base):
     events: Mapped[int] = mapped_column(Integer, nullable=False)
     prompt_sha256: Mapped[str | None] = mapped_column(String(64))
     prompt_text: Mapped[str | None] = mapped_column(Text)
+    # From the `received` event's `template` mapping (revision 0006); NULL for a free prompt.
+    template_id: Mapped[str | None] = mapped_column(String(64))
+    template_version: Mapped[int | None] = mapped_column(Integer)
 
 
 class AuditRequestGroup(Base):

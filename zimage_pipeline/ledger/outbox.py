@@ -98,6 +98,7 @@ class Claimed:
     event: Mapping[str, Any]
     attempt: int
     lease_until: datetime  # the claim: a failure is recorded only while it still holds
+    publisher: str | None = None  # the request's publisher (None: queued before 0007)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +113,7 @@ class DeliveryRow:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    publisher: str | None = None  # whose result (the sink's route); None before 0007
 
 
 class SinkOutbox:
@@ -135,10 +137,13 @@ class SinkOutbox:
         event: Mapping[str, Any],
         sinks: Sequence[str],
         *,
+        publisher: str | None = None,
         now: datetime | None = None,
     ) -> list[str]:
         """Queue `event` for each sink, due now; the delivery ids, in `sinks`' order.
-        Idempotent: a (sink, request) already queued, in any state, is left as it is."""
+        `publisher`: the AMQP account whose request it answers, kept for the sinks'
+        routing. Idempotent: a (sink, request) already queued, in any state, is left as
+        it is."""
         if not sinks:
             return []
         at = now or utcnow()
@@ -152,7 +157,7 @@ class SinkOutbox:
             pending = _pending_count(connection)
             refused: list[str] = []
             for sink, id_ in zip(sinks, ids, strict=True):
-                row = _new_row(id_, sink, request_id, document, at)
+                row = _new_row(id_, sink, request_id, document, at) | {"publisher": publisher}
                 full = pending >= self._max_pending
                 if full:
                     row |= _dead(f"outbox full ({pending} pending)", at)
@@ -343,7 +348,13 @@ def _claim(
         .where(OUTBOX.c.state == DeliveryState.PENDING.value)
         .where(OUTBOX.c.next_attempt_at == due_at)
         .values(next_attempt_at=lease_until, attempts=OUTBOX.c.attempts + 1, updated_at=now)
-        .returning(OUTBOX.c.sink, OUTBOX.c.request_id, OUTBOX.c.event, OUTBOX.c.attempts)
+        .returning(
+            OUTBOX.c.sink,
+            OUTBOX.c.request_id,
+            OUTBOX.c.event,
+            OUTBOX.c.attempts,
+            OUTBOX.c.publisher,
+        )
     ).first()
     if row is None:
         return None
@@ -354,6 +365,7 @@ def _claim(
         event=row.event,
         attempt=row.attempts,
         lease_until=lease_until,
+        publisher=row.publisher,
     )
 
 
@@ -369,4 +381,5 @@ def _delivery(row: Row[Any]) -> DeliveryRow:
         created_at=as_utc(row.created_at),
         updated_at=as_utc(row.updated_at),
         finished_at=as_utc(row.finished_at) if row.finished_at else None,
+        publisher=row.publisher,
     )

@@ -38,6 +38,8 @@ class SinkOutboxRow(Base):
     delivery_id: Mapped[str] = mapped_column(String(DELIVERY_ID_LENGTH), primary_key=True)
     sink: Mapped[str] = mapped_column(String(128), nullable=False)
     request_id: Mapped[str] = mapped_column(String(128), nullable=False, index=True)
+    # The AMQP account that published the request (revision 0007): sinks route by it.
+    publisher: Mapped[str | None] = mapped_column(String(256))
     event: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
     state: Mapped[str] = mapped_column(String(16), nullable=False)
     # Attempts started: a claim counts one, so a worker that dies mid-attempt still

@@ -111,9 +111,16 @@ class SinkDelivery:
     request_id: str
     attempt: int
     event: Mapping[str, Any]  # the result event, exactly as published on AMQP
+    # The AMQP account that published the request (the tenant): a sink serving several
+    # tenants routes by it. None for deliveries queued before it was recorded.
+    publisher: str | None = None
 
 
 class ResultSink(Protocol):
+    """A sink may also define `wants(publisher: str | None) -> bool`: when it answers
+    False for a result's publisher, nothing is queued for it (the webhook routes each
+    tenant's results to that tenant's URLs only, and has none for some)."""
+
     def deliver(self, delivery: SinkDelivery) -> None:
         """Deliver or raise; the outbox retries with backoff and marks the delivery
         dead after the sink's `max_attempts`."""

@@ -2,8 +2,16 @@
 
     [plugins.webhook]
     enabled = true
+    # Each tenant's results go to that tenant's receivers only, signed with its secret:
+    [plugins.webhook.publishers.cms-publisher]
     urls = ["https://cms.example/hooks/zimage"]
-    secret_file = "/run/secrets/webhook"   # or secret = "..." (ZIMAGE_PLUGINS__WEBHOOK__SECRET)
+    secret_file = "/run/secrets/webhook-cms"   # or secret = "..."; absent: the shared one
+    [plugins.webhook.publishers.pim-sync]
+    urls = ["https://pim.example/zimage"]
+    secret_file = "/run/secrets/webhook-pim"
+    # Every publisher's results (one tenant, or a trusted internal router):
+    # urls = ["https://router.internal/zimage"]
+    # secret_file = "/run/secrets/webhook"  # the shared secret (ZIMAGE_PLUGINS__WEBHOOK__SECRET)
     timeout_s = 10          # per URL, connect and response together
     max_attempts = 8        # then the delivery is dead (`audit show` lists it)
     backoff_base_s = 2      # between attempts: random up to min(max, base * 2^(n-1))
@@ -19,6 +27,11 @@ with these headers:
     X-Zimage-Timestamp: Unix seconds when the attempt was signed
     X-Zimage-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>." + body)>
 
+A result goes to `urls` and to the URLs of its publisher's route (the AMQP account
+that published the request). A publisher with no route, when `urls` is empty, gets no
+webhook: nothing is queued for it. A route signs with its own secret, so one tenant's
+receiver, holding only its secret, cannot forge deliveries to another's.
+
 A receiver checks the signature and rejects a timestamp outside its replay window
 (`verify_signature` does both). Any answer other than 2xx, or no answer, from any URL
 fails the attempt; the outbox retries it (all URLs again: a receiver drops the repeat by
@@ -32,12 +45,21 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Self
 
 import urllib3
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from urllib3.util import parse_url
 
 from zimage_pipeline.errors import ConfigError, ZImageError
@@ -60,10 +82,49 @@ class WebhookDeliveryError(ZImageError):
     happened (status or transport error), never the secret, a path or a query."""
 
 
+def _listed(value: Any) -> Any:
+    """From an environment variable a list of URLs arrives as text: a JSON list, or
+    URLs separated by commas."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        return json.loads(text)
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _http_urls(urls: list[str]) -> list[str]:
+    for url in urls:
+        parsed = parse_url(url)
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ValueError(f"{url!r} is not an http:// or https:// URL with a host")
+        if parsed.auth:
+            # urllib3 would not send them, and the URL would carry a secret into
+            # the configuration listing; the signature authenticates the sender.
+            raise ValueError(f"a URL must not carry credentials (host {parsed.host})")
+    return urls
+
+
+# A list of http(s) URLs; text (an environment variable) is split first.
+Urls = Annotated[list[str], BeforeValidator(_listed), AfterValidator(_http_urls)]
+
+
+class WebhookRoute(BaseModel):
+    """`[plugins.webhook.publishers.<account>]`: one tenant's receivers and secret."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    urls: Annotated[Urls, Field(min_length=1)]
+    secret: SecretStr | None = None
+    secret_file: Path | None = None
+
+
 class WebhookConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    urls: list[str] = Field(min_length=1)
+    # Every publisher's results go here; each publisher's own route adds its URLs.
+    urls: Urls = []
+    publishers: dict[str, WebhookRoute] = {}
     secret: SecretStr | None = None
     secret_file: Path | None = None
     timeout_s: float = Field(default=10.0, gt=0)
@@ -74,30 +135,14 @@ class WebhookConfig(BaseModel):
     ca_bundle: Path | None = None
     enabled: bool = True  # the registry's switch; accepted here, not used
 
-    @field_validator("urls", mode="before")
-    @classmethod
-    def _from_environment(cls, value: Any) -> Any:
-        """From an environment variable the list arrives as text: a JSON list, or URLs
-        separated by commas."""
-        if not isinstance(value, str):
-            return value
-        text = value.strip()
-        if text.startswith("["):
-            return json.loads(text)
-        return [part.strip() for part in text.split(",") if part.strip()]
-
-    @field_validator("urls")
-    @classmethod
-    def _http_urls(cls, urls: list[str]) -> list[str]:
-        for url in urls:
-            parsed = parse_url(url)
-            if parsed.scheme not in ("http", "https") or not parsed.host:
-                raise ValueError(f"{url!r} is not an http:// or https:// URL with a host")
-            if parsed.auth:
-                # urllib3 would not send them, and the URL would carry a secret into
-                # the configuration listing; the signature authenticates the sender.
-                raise ValueError(f"a URL must not carry credentials (host {parsed.host})")
-        return urls
+    @model_validator(mode="after")
+    def _somewhere_to_post(self) -> Self:
+        if not self.urls and not self.publishers:
+            raise ValueError(
+                f"{SETTING}.urls: no URLs; set urls (every publisher's results) or "
+                f"[{SETTING}.publishers.<account>] urls (one publisher's)"
+            )
+        return self
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(
@@ -147,42 +192,73 @@ def verify_signature(
 
 
 class WebhookSink:
-    """The `webhook` result sink. `retry_policy` is read by the outbox dispatcher."""
+    """The `webhook` result sink. `retry_policy` is read by the outbox dispatcher.
+
+    `secret` signs for `urls` and for the routes without their own; `route_secrets`:
+    the routes' own, by publisher. A URL left without a secret is a WebhookConfigError
+    naming the shared secret, here, before anything is delivered."""
 
     def __init__(
         self,
         config: WebhookConfig,
-        secret: SecretStr,
+        secret: SecretStr | None,
         *,
+        route_secrets: Mapping[str, SecretStr] | None = None,
         clock: Callable[[], float] = time.time,
         pool: urllib3.PoolManager | None = None,
     ) -> None:
+        own = route_secrets or {}
         self.urls = tuple(config.urls)
+        # Each URL with the secret it is signed with, kept as SecretStr (no repr shows it).
+        self._shared = _signed(config.urls, secret)
+        self._routes = {
+            publisher: _signed(route.urls, own.get(publisher, secret))
+            for publisher, route in config.publishers.items()
+        }
         self.retry_policy = config.retry_policy()
         self.timeout_s = config.timeout_s
-        self._secret = secret  # kept as a SecretStr, so no repr ever shows it
+        self._secret = secret
         self._clock = clock
         self._pool = pool or _pool(config)
 
+    def targets(self, publisher: str | None) -> list[tuple[str, SecretStr]]:
+        """Where a result of `publisher` goes, each URL with the secret it is signed
+        with: every publisher's `urls`, then its own route's."""
+        own = () if publisher is None else self._routes.get(publisher, ())
+        return [*self._shared, *own]
+
+    def wants(self, publisher: str | None) -> bool:
+        """Whether this publisher's results go anywhere (the outbox queues them only then)."""
+        return bool(self.targets(publisher))
+
     def deliver(self, delivery: SinkDelivery) -> None:
         body = canonical_body(delivery.event)
-        headers = self.headers(delivery, body)
-        failures = [problem for url in self.urls if (problem := self._post(url, body, headers))]
+        failures = [
+            problem
+            for url, secret in self.targets(delivery.publisher)
+            if (problem := self._post(url, body, self.headers(delivery, body, secret=secret)))
+        ]
         if failures:
             raise WebhookDeliveryError(
                 f"webhook attempt {delivery.attempt} failed: {'; '.join(failures)}"
             )
 
-    def headers(self, delivery: SinkDelivery, body: bytes) -> dict[str, str]:
-        """The attempt's headers; signed now, so each attempt has a fresh timestamp."""
+    def headers(
+        self, delivery: SinkDelivery, body: bytes, *, secret: SecretStr | None = None
+    ) -> dict[str, str]:
+        """The attempt's headers, signed now (each attempt has a fresh timestamp) with
+        `secret`, else the shared secret."""
         timestamp = str(int(self._clock()))
-        secret = self._secret.get_secret_value().encode("utf-8")
+        signing = secret or self._secret
+        if signing is None:
+            raise _missing_secret()
+        key = signing.get_secret_value().encode("utf-8")
         return {
             "Content-Type": "application/json",
             "X-Zimage-Delivery": delivery.delivery_id,
             "X-Zimage-Attempt": str(delivery.attempt),
             "X-Zimage-Timestamp": timestamp,
-            "X-Zimage-Signature": sign(secret, timestamp=timestamp, body=body),
+            "X-Zimage-Signature": sign(key, timestamp=timestamp, body=body),
         }
 
     def close(self) -> None:
@@ -214,9 +290,21 @@ class WebhookSink:
 
 
 def create(config: Mapping[str, Any]) -> WebhookSink:
-    """The entry point's factory: `[plugins.webhook]`, validated."""
+    """The entry point's factory: `[plugins.webhook]`, validated. The shared secret is
+    required when `urls` is set or a route has no secret of its own (WebhookSink says)."""
     parsed = _validated(config)
-    return WebhookSink(parsed, _secret(parsed))
+    own = {
+        publisher: secret
+        for publisher, route in parsed.publishers.items()
+        if (
+            secret := _read_secret(
+                route.secret, route.secret_file, setting=f"{SETTING}.publishers.{publisher}"
+            )
+        )
+        is not None
+    }
+    shared = _read_secret(parsed.secret, parsed.secret_file, setting=SETTING)
+    return WebhookSink(parsed, shared, route_secrets=own)
 
 
 def _validated(config: Mapping[str, Any]) -> WebhookConfig:
@@ -224,7 +312,7 @@ def _validated(config: Mapping[str, Any]) -> WebhookConfig:
         return WebhookConfig.model_validate(dict(config))
     except ValidationError as exc:
         problems = "; ".join(
-            f"{SETTING}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+            f"{'.'.join((SETTING, *(str(p) for p in err['loc'])))}: {err['msg']}"
             for err in exc.errors(include_input=False)
         )
         raise WebhookConfigError(problems) from None
@@ -232,21 +320,35 @@ def _validated(config: Mapping[str, Any]) -> WebhookConfig:
         raise WebhookConfigError(f"{SETTING}.urls: not a JSON list: {exc.msg}") from None
 
 
-def _secret(config: WebhookConfig) -> SecretStr:
-    if config.secret is not None and config.secret_file is not None:
-        raise WebhookConfigError(f"{SETTING}.secret and {SETTING}.secret_file: set only one")
-    secret = config.secret
-    if config.secret_file is not None:
+def _read_secret(
+    secret: SecretStr | None, secret_file: Path | None, *, setting: str
+) -> SecretStr | None:
+    """`secret` or the contents of `secret_file` (not both); None when neither is set
+    (or it is empty)."""
+    if secret is not None and secret_file is not None:
+        raise WebhookConfigError(f"{setting}.secret and {setting}.secret_file: set only one")
+    if secret_file is not None:
         try:
-            secret = read_secret_file(config.secret_file, setting=f"{SETTING}.secret_file")
+            secret = read_secret_file(secret_file, setting=f"{setting}.secret_file")
         except ConfigError as exc:
             raise WebhookConfigError(str(exc)) from None
-    if secret is None or not secret.get_secret_value():
-        raise WebhookConfigError(
-            f"{SETTING}.secret: missing (set {SETTING}.secret or {SETTING}.secret_file, "
-            "or ZIMAGE_PLUGINS__WEBHOOK__SECRET): receivers need it to check the signature"
-        )
-    return secret
+    return secret if secret is not None and secret.get_secret_value() else None
+
+
+def _signed(urls: Sequence[str], secret: SecretStr | None) -> tuple[tuple[str, SecretStr], ...]:
+    """Each URL with the secret that signs for it; URLs without one are a config error."""
+    if not urls:
+        return ()
+    if secret is None:
+        raise _missing_secret()
+    return tuple((url, secret) for url in urls)
+
+
+def _missing_secret() -> WebhookConfigError:
+    return WebhookConfigError(
+        f"{SETTING}.secret: missing (set {SETTING}.secret or {SETTING}.secret_file, "
+        "or ZIMAGE_PLUGINS__WEBHOOK__SECRET): receivers need it to check the signature"
+    )
 
 
 def _pool(config: WebhookConfig) -> urllib3.PoolManager:

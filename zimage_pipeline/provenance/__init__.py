@@ -17,7 +17,7 @@ backs `zimage-pipeline provenance show FILE`.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,22 +27,30 @@ from zimage_pipeline.provenance import c2pa_manifest
 from zimage_pipeline.provenance.c2pa_manifest import (
     C2paReport,
     C2paSigningConfig,
+    Input,
     Parent,
     load_signing_config,
 )
 from zimage_pipeline.provenance.containers import detect_format, embed_xmp, extract_xmp
 from zimage_pipeline.provenance.errors import ProvenanceError
-from zimage_pipeline.provenance.xmp import TRAINED_ALGORITHMIC_MEDIA, build_packet, parse_packet
+from zimage_pipeline.provenance.xmp import (
+    COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA,
+    TRAINED_ALGORITHMIC_MEDIA,
+    build_packet,
+    parse_packet,
+)
 
 ImageFormat = Literal["png", "webp", "jpeg"]
 DerivedFormat = Literal["png", "webp", "jpeg", "avif"]
 
 __all__ = [
+    "COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA",
     "TRAINED_ALGORITHMIC_MEDIA",
     "C2paReport",
     "C2paSigningConfig",
     "DerivedFormat",
     "ImageFormat",
+    "Input",
     "ProvenanceError",
     "ProvenanceInfo",
     "ProvenanceReport",
@@ -62,6 +70,10 @@ class ProvenanceInfo:
     image_index: int = 0
     seed: int | None = None
     created_at: datetime | None = None  # default: now (UTC)
+    # The template the image was made from (results.template_record), or None.
+    template: Mapping[str, Any] | None = None
+    # The images the model was given (image-to-image, inpainting): the init image first.
+    inputs: tuple[Input, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +89,11 @@ class ProvenanceReport:
 
     @property
     def marked_as_ai(self) -> bool:
-        return self.digital_source_type == TRAINED_ALGORITHMIC_MEDIA
+        """Made by the model: generated, or edited by it from an input."""
+        return self.digital_source_type in (
+            TRAINED_ALGORITHMIC_MEDIA,
+            COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA,
+        )
 
     @property
     def ok(self) -> bool:
@@ -120,6 +136,7 @@ def mark_image(
         model_identity=info.model_identity,
         request=_claimed_request(info),
         config=c2pa,
+        inputs=info.inputs,
     )
 
 
@@ -132,6 +149,8 @@ def _packet(info: ProvenanceInfo, **derived: str) -> bytes:
         created_at=info.created_at or datetime.now(UTC),
         image_index=info.image_index,
         seed=info.seed,
+        template=info.template,
+        inputs={i.role: hashlib.sha256(i.data).hexdigest() for i in info.inputs} or None,
         **derived,
     )
 
@@ -142,6 +161,7 @@ def _claimed_request(info: ProvenanceInfo, **extra: str) -> dict[str, Any]:
         "request_id": info.request_id,
         "image_index": info.image_index,
         "model": info.model_identity,
+        **({"template": dict(info.template)} if info.template else {}),
         **extra,
     }
 

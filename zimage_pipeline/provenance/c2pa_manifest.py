@@ -26,7 +26,10 @@ from pydantic import SecretStr
 from zimage_pipeline.errors import ConfigError
 from zimage_pipeline.provenance.containers import PNG_SIGNATURE, png_chunk
 from zimage_pipeline.provenance.errors import ProvenanceError
-from zimage_pipeline.provenance.xmp import TRAINED_ALGORITHMIC_MEDIA
+from zimage_pipeline.provenance.xmp import (
+    COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA,
+    TRAINED_ALGORITHMIC_MEDIA,
+)
 from zimage_pipeline.settings import ProvenanceSettings
 
 MIME_TYPES = {
@@ -88,6 +91,16 @@ class Parent:
 
     data: bytes  # as stored, with its own manifest (embedded in the ingredient)
     format: str  # png | webp | jpeg | avif
+    title: str
+
+
+@dataclass(frozen=True, slots=True)
+class Input:
+    """An image the model was given (image-to-image, inpainting): an ingredient."""
+
+    role: str  # init_image | mask
+    data: bytes  # as read from the store
+    format: str  # png | webp | jpeg
     title: str
 
 
@@ -157,10 +170,15 @@ def sign(
     config: C2paSigningConfig,
     parent: Parent | None = None,
     edits: Sequence[str] = (),
+    inputs: Sequence[Input] = (),
 ) -> bytes:
     """Embed a signed manifest; the returned bytes are the complete new file. With a
-    `parent`, the image is derived from it by `edits` (C2PA action names)."""
-    if parent is None:
+    `parent`, the image is derived from it by `edits` (C2PA action names). With `inputs`,
+    the model edited them (the init image is the parent ingredient, a mask an input to
+    the model), and the image is a composite with trained algorithmic media."""
+    if inputs:
+        actions = _edited_actions(model_identity, inputs)
+    elif parent is None:
         actions = [
             {
                 "action": "c2pa.created",
@@ -186,6 +204,8 @@ def sign(
         with _signer(config) as signer, c2pa.Builder.from_json(manifest, context) as builder:
             if parent is not None:
                 _add_parent(builder, parent)
+            for item in inputs:
+                _add_input(builder, item)
             builder.sign(signer, MIME_TYPES[fmt], io.BytesIO(data), out)
     except c2pa.C2paError as exc:
         raise ProvenanceError(f"C2PA signing failed: {type(exc).__name__}") from exc
@@ -205,6 +225,27 @@ def _derived_actions(creator_tool: str, edits: Sequence[str]) -> list[dict[str, 
         "parameters": {"ingredientIds": [_PARENT_LABEL]},
     }
     return [opened, *({"action": edit, "softwareAgent": agent} for edit in edits)]
+
+
+def _edited_actions(model_identity: str, inputs: Sequence[Input]) -> list[dict[str, Any]]:
+    """`c2pa.opened` on the init image, then `c2pa.edited` by the model, naming every
+    input it was given (the mask too)."""
+    agent = {"name": model_identity}
+    return [
+        {"action": "c2pa.opened", "parameters": {"ingredientIds": [inputs[0].role]}},
+        {
+            "action": "c2pa.edited",
+            "digitalSourceType": COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA,
+            "softwareAgent": agent,
+            "parameters": {"ingredientIds": [item.role for item in inputs]},
+        },
+    ]
+
+
+def _add_input(builder: Any, item: Input) -> None:
+    relationship = "parentOf" if item.role == "init_image" else "inputTo"
+    ingredient = {"title": item.title, "relationship": relationship, "label": item.role}
+    builder.add_ingredient(ingredient, MIME_TYPES[item.format], io.BytesIO(item.data))
 
 
 def _add_parent(builder: Any, parent: Parent) -> None:

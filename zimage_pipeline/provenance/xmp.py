@@ -9,13 +9,20 @@ name) beside it.
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET  # only on packets screened by _refuse_dtd
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 from zimage_pipeline.provenance.errors import ProvenanceError
 
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+# An image edited by the model from an input (image-to-image, inpainting).
+COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA = (
+    "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia"
+)
 NAMESPACES = {
     "rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#",
     "x": "adobe:ns:meta/",
@@ -40,13 +47,17 @@ def build_packet(
     seed: int | None,
     source_sha256: str | None = None,
     rendition: str | None = None,
+    template: Mapping[str, Any] | None = None,
+    inputs: Mapping[str, str] | None = None,
 ) -> bytes:
     """A complete XMP packet (UTF-8). Values are XML-escaped attribute values.
 
     `source_sha256` (hex) and `rendition`: the packet of an image derived from the one
     whose bytes have that digest, under that name."""
     fields = {
-        "Iptc4xmpExt:DigitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
+        "Iptc4xmpExt:DigitalSourceType": (
+            COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA if inputs else TRAINED_ALGORITHMIC_MEDIA
+        ),
         # IPTC 2025.1 generative-AI properties: which system made the image.
         "Iptc4xmpExt:AISystemUsed": model_identity,
         "xmp:CreatorTool": creator_tool,
@@ -57,6 +68,15 @@ def build_packet(
     }
     if seed is not None:
         fields["zimage:Seed"] = str(seed)
+    for role, sha256 in sorted((inputs or {}).items()):  # init_image, mask: their SHA-256
+        fields[f"zimage:Input_{role}_Sha256"] = sha256
+    if template:
+        fields["zimage:Template"] = str(template["id"])
+        fields["zimage:TemplateVersion"] = str(template["version"])
+        fields["zimage:TemplateSha256"] = str(template["sha256"])
+        fields["zimage:TemplateVariables"] = json.dumps(
+            template["variables"], sort_keys=True, ensure_ascii=False
+        )
     prefixes = ["Iptc4xmpExt", "xmp", "zimage"]
     body = "/>"  # an original's packet: its bytes as they always were
     if source_sha256 is not None:

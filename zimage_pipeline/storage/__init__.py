@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from zimage_pipeline.ports import StoredObject
 from zimage_pipeline.storage.errors import (
     InvalidKeyError,
     ObjectConflictError,
@@ -17,7 +18,7 @@ from zimage_pipeline.storage.keys import (
     safe_prefix,
     safe_segment,
 )
-from zimage_pipeline.storage.s3 import ObjectStore, StoredObject, canonical_json
+from zimage_pipeline.storage.s3 import ObjectStore, canonical_json
 
 __all__ = [
     "InvalidKeyError",

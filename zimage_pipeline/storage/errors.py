@@ -26,6 +26,20 @@ class ObjectConflictError(StorageError):
     reason = "OBJECT_CONFLICT"
 
 
+class ObjectNotFoundError(StorageError):
+    """The key (or the version asked for) is not in the store."""
+
+    disposition = Disposition.REJECT
+    reason = "INVALID_REQUEST"
+
+
+class ObjectTooLargeError(StorageError):
+    """The object is larger than the reader takes; it was not read."""
+
+    disposition = Disposition.REJECT
+    reason = "INVALID_REQUEST"
+
+
 class StorageFailedError(StorageError):
     """The upload did not succeed within the retry budget, or the store refused it."""
 

@@ -8,9 +8,10 @@ raise ObjectConflictError. For stores without conditional writes
 (`storage.conditional_writes = false`) the same check is done by a HEAD before the PUT,
 with the small race that implies.
 
-Transient failures (5xx, throttling, timeouts, dropped connections) are retried with
-capped exponential backoff and full jitter, within `storage.max_attempts` and
-`storage.retry_budget_s`; after that, or on a permanent refusal, StorageFailedError.
+Transient failures (5xx, throttling, timeouts, dropped connections, a body shorter than
+its Content-Length) are retried with capped exponential backoff and full jitter, within
+`storage.max_attempts` and `storage.retry_budget_s`; after that, or on a permanent
+refusal, StorageFailedError.
 All calls are synchronous: the worker runs them in its I/O thread pool.
 """
 
@@ -19,19 +20,21 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, IncompleteReadError
 
+from zimage_pipeline.ports import StoredObject
 from zimage_pipeline.settings import StorageSettings
 from zimage_pipeline.storage import wire
 from zimage_pipeline.storage.client import make_s3_client
 from zimage_pipeline.storage.errors import (
     InvalidKeyError,
     ObjectConflictError,
+    ObjectNotFoundError,
+    ObjectTooLargeError,
     StorageFailedError,
 )
 from zimage_pipeline.storage.keys import safe_segment
@@ -42,16 +45,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 MAX_PRESIGN_TTL_S = 7 * 24 * 3600  # SigV4 presigned URLs live at most seven days
 MAX_KEY_BYTES = 1024  # S3's limit on a key's UTF-8 length
+_NOT_FOUND = frozenset({"NoSuchKey", "NoSuchVersion", "NoSuchBucket", "404"})
 _jitter = secrets.SystemRandom()
-
-
-@dataclass(frozen=True, slots=True)
-class StoredObject:
-    bucket: str
-    key: str
-    version_id: str | None
-    sha256: str  # hex
-    size: int
 
 
 def checked_key(key: str) -> str:
@@ -191,12 +186,45 @@ class ObjectStore:
 
     # -- reads -----------------------------------------------------------------------
 
-    def get_object(self, key: str, *, bucket: str | None = None) -> bytes:
+    def get_object(
+        self,
+        key: str,
+        *,
+        bucket: str | None = None,
+        version_id: str | None = None,
+        max_bytes: int | None = None,
+    ) -> bytes:
         bucket = bucket or self.settings.bucket
+        params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        if version_id is not None:
+            params["VersionId"] = version_id
 
         def attempt() -> bytes:
-            response = self.client.get_object(Bucket=bucket, Key=key)
-            return response["Body"].read()
+            try:
+                response = self.client.get_object(**params)
+            except ClientError as exc:
+                if _is_missing(exc, version_id=version_id):
+                    version = f" (version {version_id})" if version_id is not None else ""
+                    raise ObjectNotFoundError(f"s3://{bucket}/{key}{version} not found") from None
+                raise
+            body = response["Body"]
+            declared = response.get("ContentLength")
+            try:
+                if max_bytes is not None and declared is not None and declared > max_bytes:
+                    raise ObjectTooLargeError(f"s3://{bucket}/{key} is over {max_bytes} bytes")
+                # Bounded: a length the store misreported stops at one byte over.
+                data = body.read() if max_bytes is None else body.read(max_bytes + 1)
+            finally:
+                body.close()
+            if max_bytes is not None and len(data) > max_bytes:
+                raise ObjectTooLargeError(f"s3://{bucket}/{key} is over {max_bytes} bytes")
+            if declared is not None and len(data) < declared:
+                # A short read (the connection dropped mid-body, the store sent less than
+                # it announced): a transient failure of the transfer, retried like any
+                # dropped connection, never bytes to judge (a caller comparing checksums
+                # would blame the client for our network).
+                raise IncompleteReadError(actual_bytes=len(data), expected_bytes=declared)
+            return data
 
         return self._retrying(f"get s3://{bucket}/{key}", attempt)
 
@@ -262,6 +290,14 @@ class ObjectStore:
                 raise StorageFailedError(f"s3://{bucket}: {wire.describe(exc)}") from exc
         return self._lock_enabled[bucket]
 
+    def check_buckets(self, buckets: Sequence[str]) -> None:
+        """Each bucket answers a HEAD with these credentials (one attempt each)."""
+        for bucket in buckets:
+            try:
+                self.client.head_bucket(Bucket=bucket)
+            except (ClientError, BotoCoreError) as exc:
+                raise StorageFailedError(f"s3://{bucket}: {wire.describe(exc)}") from exc
+
     # -- retries ---------------------------------------------------------------------
 
     def _retrying(self, what: str, operation: Callable[[], T]) -> T:
@@ -272,7 +308,12 @@ class ObjectStore:
             attempt += 1
             try:
                 return operation()
-            except (ObjectConflictError, StorageFailedError):
+            except (
+                ObjectConflictError,
+                StorageFailedError,
+                ObjectNotFoundError,
+                ObjectTooLargeError,
+            ):
                 raise
             except (ClientError, BotoCoreError) as exc:
                 delay = _jitter.uniform(0, min(cfg.backoff_max_s, cfg.backoff_base_s * 2**attempt))
@@ -281,6 +322,20 @@ class ObjectStore:
                     tries = f"after {attempt} attempt{'s' if attempt > 1 else ''}"
                     raise StorageFailedError(f"{what}: {wire.describe(exc)} {tries}") from exc
                 self._sleep(delay)
+
+
+def _is_missing(exc: ClientError, *, version_id: str | None) -> bool:
+    """Whether a GET's refusal means the object (or the version asked for) is not there."""
+    if wire.error_code(exc) in _NOT_FOUND or wire.http_status(exc) == 404:
+        return True
+    # AWS answers a version id it cannot resolve (one it never issued) with 400
+    # InvalidArgument, "Invalid version id specified", not 404 NoSuchVersion. Only a
+    # GET naming a version can mean that; InvalidArgument stays a failure otherwise.
+    if version_id is None or wire.error_code(exc) != "InvalidArgument":
+        return False
+    error = exc.response.get("Error", {})
+    names_version = str(error.get("ArgumentName", "")).lower() == "versionid"
+    return names_version or "version" in str(error.get("Message", "")).lower()
 
 
 def canonical_json(obj: Any) -> bytes:

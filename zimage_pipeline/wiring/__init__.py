@@ -10,12 +10,17 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zimage_pipeline.ports import AuditRecord
 from zimage_pipeline.service import Ports
 from zimage_pipeline.settings import Settings
+from zimage_pipeline.templates.holder import CatalogueHolder
 from zimage_pipeline.worker.periodic import PeriodicJob
+
+if TYPE_CHECKING:
+    from zimage_pipeline.audit.anchoring import ChainAnchorer
+    from zimage_pipeline.ledger.quota import QuotaLedger
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,12 @@ class Wiring:
     # head in the object store, delivering the result sinks' outbox.
     periodic: list[PeriodicJob] = field(default_factory=list)
     closers: list[Callable[[], Any]] = field(default_factory=list)
+    # The live template catalogue (reloaded by the worker's `reload_config` job).
+    templates: CatalogueHolder = field(default_factory=lambda: CatalogueHolder(None))
+    # What the worker's gauges read (worker/gauges.py): the anchorer's last success, and
+    # the quota ledger for the teams' use (None in tests that wire fakes).
+    anchorer: ChainAnchorer | None = None
+    quota: QuotaLedger | None = None
 
     @property
     def maintenance(self) -> list[Callable[[], Any]]:
@@ -52,10 +63,12 @@ class AuditAdapter:
 
 
 def build(settings: Settings, *, warmup: bool = True) -> Wiring:
+    from zimage_pipeline.adapters import AdapterCatalogue, catalogue_of
     from zimage_pipeline.audit.anchoring import ChainAnchorer
     from zimage_pipeline.audit.chain import AuditLog
     from zimage_pipeline.directory import LdapDirectory
     from zimage_pipeline.engine import EngineConfig, load_engine
+    from zimage_pipeline.inputs.decode import InputLimits
     from zimage_pipeline.ledger.db import create_ledger_engine
     from zimage_pipeline.ledger.discards import DiscardQueue
     from zimage_pipeline.ledger.jobs import JobStore
@@ -65,6 +78,7 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
     from zimage_pipeline.plugins.registry import load_enabled
     from zimage_pipeline.policy import load_rules
     from zimage_pipeline.provenance import load_signing_config
+    from zimage_pipeline.stages.inputs import InputSource
     from zimage_pipeline.storage import ObjectStore
     from zimage_pipeline.wiring.discards import DiscardSweeper
     from zimage_pipeline.wiring.identity import DirectoryAuthorizer
@@ -76,6 +90,7 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
     from zimage_pipeline.worker.runner import default_worker_id
 
     load_rules(settings.policy)  # a broken policy file stops the worker now, by name
+    templates = CatalogueHolder(settings.templates.dir)  # so does a broken catalogue
     plugins = load_enabled(settings.plugins.tables())  # so does a plugin that cannot load
     ledger = create_ledger_engine(settings.database)
     directory = LdapDirectory(settings.directory)
@@ -83,7 +98,8 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
     object_store = ObjectStore(settings.storage)
     audit_log = AuditLog.from_settings(ledger, settings.audit)
     anchorer = ChainAnchorer(ledger, object_store, storage=settings.storage, audit=settings.audit)
-    engine = load_engine(EngineConfig.from_settings(settings.engine))
+    adapters = catalogue_of(settings)
+    engine = load_engine(EngineConfig.from_settings(settings.engine, adapters))
     if warmup:
         # On a GPU, warm up at the default size (compiled shapes); the CPU is for tests.
         small = engine.device.type == "cpu"
@@ -107,6 +123,7 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
     )
     retention = timedelta(days=settings.plugins.sink_retention_days)
     ports = Ports(
+        adapters=AdapterCatalogue.of(adapters, max_active=settings.engine.adapter_slots),
         jobs=LedgerJobs(job_store, busy_s=settings.worker.job_busy_s),
         authorizer=DirectoryAuthorizer(directory, settings.policy),
         ledger=LedgerUnits(
@@ -130,6 +147,8 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
         audit=AuditAdapter(audit_log),
         plugins=plugins,
         outbox=dispatcher,
+        templates=templates.current,
+        inputs=InputSource(object_store, InputLimits(**settings.inputs.model_dump())),
     )
     sweeper = DiscardSweeper(
         discards, store=ports.store, ledger=ports.ledger, actor=f"worker:{worker_id}"
@@ -152,6 +171,7 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
         close for sink in plugins.result_sinks.values() if (close := getattr(sink, "close", None))
     ]
     return Wiring(
+        templates=templates,
         ports=ports,
         periodic=[
             PeriodicJob("expire_quota_leases", HOUSEKEEPING_EVERY_S, quota_ledger.expire_leases),
@@ -161,4 +181,6 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
             *sink_jobs,
         ],
         closers=[*closers, directory.close, ledger.dispose],
+        anchorer=anchorer,
+        quota=quota_ledger,
     )

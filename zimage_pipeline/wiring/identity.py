@@ -11,7 +11,7 @@ from __future__ import annotations
 from zimage_pipeline.directory import LdapDirectory
 from zimage_pipeline.errors import RequestRejectedError, ZImageError
 from zimage_pipeline.messages import ImageFormat, Priority
-from zimage_pipeline.policy import EffectivePolicy, resolve_policy
+from zimage_pipeline.policy import EffectivePolicy, load_rules, resolve_policy
 from zimage_pipeline.ports import Authorization, Limits
 from zimage_pipeline.settings import PolicySettings
 
@@ -55,6 +55,9 @@ class DirectoryAuthorizer:
             max_steps=subject.max_steps,
             formats=frozenset(ImageFormat(f) for f in subject.allowed_formats),
             priorities=frozenset(Priority(p.value) for p in priorities),
+            templates=subject.templates,
+            free_prompt=subject.free_prompt,
+            adapters=subject.adapters,
         )
         snapshot = {"subject": subject.to_snapshot()}
         # The directory's spelling of the name: `ALICE` and `alice` share one quota.
@@ -69,6 +72,7 @@ class DirectoryAuthorizer:
             quota_subjects=subject,
             groups=groups,
             roles=tuple(subject.roles),
+            input_grants=tuple(load_rules(self._policy).inputs.get(principal, ())),
         )
 
 

@@ -21,6 +21,7 @@ from zimage_pipeline.ledger.models import JobStatus
 from zimage_pipeline.ledger.quota import QuotaLedger
 from zimage_pipeline.ledger.quota_types import QuotaExceededError
 from zimage_pipeline.ledger.txn import run_write
+from zimage_pipeline.messages import TemplateRef
 from zimage_pipeline.ports import AuditRecord, Authorization, NewJob, QuotaLeft
 from zimage_pipeline.wiring.identity import policy_of
 
@@ -50,11 +51,15 @@ class LedgerUnits:
         authorization: Authorization,
         images: int,
         audit: Sequence[AuditRecord],
+        template: TemplateRef | None = None,
     ) -> None:
         def work(connection: Connection) -> None:
             self._reserve(request_id, authorization, images, connection)
             self._jobs.start(
-                request_id, roles_snapshot=authorization.roles_snapshot, connection=connection
+                request_id,
+                roles_snapshot=authorization.roles_snapshot,
+                connection=connection,
+                template=template,
             )
             self._audit.append_many(audit, connection=connection)
 
@@ -73,6 +78,7 @@ class LedgerUnits:
         authorization: Authorization,
         images: int,
         audit: Sequence[AuditRecord],
+        template: TemplateRef | None = None,
     ) -> bool:
         def work(connection: Connection) -> bool:
             # The job row first: a taken id is the common reason to fall back, and it
@@ -85,6 +91,7 @@ class LedgerUnits:
                 worker_id=job.worker_id,
                 roles_snapshot=authorization.roles_snapshot,
                 connection=connection,
+                template=template,
             ):
                 return False
             self._reserve(job.request_id, authorization, images, connection)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from zimage_pipeline import __version__
+from zimage_pipeline.adapters import adapters_label
 from zimage_pipeline.engine import GenerationSpec, TurboEngine, encode_image
 from zimage_pipeline.messages import GenerationRequest
 from zimage_pipeline.plugins.api import DerivedImage
@@ -17,6 +19,7 @@ from zimage_pipeline.ports import (
     EncodedDerived,
     EncodedImage,
     ImageSpec,
+    InputImage,
     ModelIdentity,
     RawImage,
     StoredObjectRef,
@@ -24,11 +27,13 @@ from zimage_pipeline.ports import (
 )
 from zimage_pipeline.provenance import (
     C2paSigningConfig,
+    Input,
     ProvenanceInfo,
     edit_actions,
     mark_image,
 )
 from zimage_pipeline.provenance import mark_derived as mark_derived_image
+from zimage_pipeline.results import template_record
 from zimage_pipeline.storage import (
     ObjectConflictError,
     ObjectStore,
@@ -50,6 +55,24 @@ EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg", "avif": "avif"}
 TAGS = {"generator": "zimage-pipeline", "ai-generated": "true"}
 
 
+def generation_spec(spec: ImageSpec) -> GenerationSpec:
+    """The engine's spec for the core's ImageSpec (the same fields, the engine's type)."""
+    return GenerationSpec(
+        prompt=spec.prompt,
+        seed=spec.seed,
+        negative_prompt=spec.negative_prompt,
+        width=spec.width,
+        height=spec.height,
+        steps=spec.steps,
+        guidance_scale=spec.guidance_scale,
+        task=spec.task,
+        init_image=spec.init_image,
+        mask_image=spec.mask_image,
+        strength=spec.strength,
+        adapters=spec.adapters,
+    )
+
+
 class EngineAdapter:
     def __init__(self, engine: TurboEngine) -> None:
         self._engine = engine
@@ -63,20 +86,7 @@ class EngineAdapter:
         return self._identity
 
     def generate(self, specs: Sequence[ImageSpec]) -> list[RawImage]:
-        generated = self._engine.generate(
-            [
-                GenerationSpec(
-                    prompt=s.prompt,
-                    seed=s.seed,
-                    negative_prompt=s.negative_prompt,
-                    width=s.width,
-                    height=s.height,
-                    steps=s.steps,
-                    guidance_scale=s.guidance_scale,
-                )
-                for s in specs
-            ]
-        )
+        generated = self._engine.generate([generation_spec(s) for s in specs])
         return [
             RawImage(pixels=g.image, seed=g.seed, width=g.width, height=g.height, index=i)
             for i, g in enumerate(generated)
@@ -84,7 +94,10 @@ class EngineAdapter:
 
 
 def model_label(model: ModelIdentity) -> str:
-    return f"{model.name}@{model.revision}" if model.revision else model.name
+    """The model as the image's XMP/C2PA names it: with its LoRA adapters, if any
+    (`...+lora:name@sha256-prefix*weight`)."""
+    base = f"{model.name}@{model.revision}" if model.revision else model.name
+    return base + adapters_label(model.adapters)
 
 
 class ProvenanceEncoder:
@@ -101,6 +114,7 @@ class ProvenanceEncoder:
         request: GenerationRequest,
         model: ModelIdentity,
         created_at: datetime,
+        inputs: Sequence[InputImage] = (),
     ) -> EncodedImage:
         fmt = request.format.value
         data = encode_image(image.pixels, format=fmt, quality=request.quality)
@@ -115,6 +129,8 @@ class ProvenanceEncoder:
                 seed=image.seed,
                 # The job's creation time, not now: a retry must produce the same bytes.
                 created_at=created_at,
+                template=template_record(request),
+                inputs=tuple(Input(i.role, i.data, i.format, i.uri) for i in inputs),
             ),
             c2pa=self._c2pa,
         )
@@ -148,6 +164,7 @@ class ProvenanceEncoder:
                 image_index=image.source_index,
                 seed=source.seed,
                 created_at=created_at,  # as for the original: a retry, the same XMP
+                template=template_record(request),
             ),
             parent=source.data,
             parent_format=source.format.value,
@@ -342,14 +359,32 @@ class S3Store:
         ]
         record = {**audit_record, "objects": objects}
         try:
-            stored = self._store.put_json(
-                key, record, metadata={"request-id": request_id}, tags={"kind": "audit-record"}
-            )
+            stored = self._put_record_once(key, request_id, record)
         except ObjectConflictError:
             stored = self._adopt(key, request_id=request_id, seed=None)
+            if self._recorded_objects(key) != objects:
+                # An earlier attempt wrote its record beside its uploads and died before
+                # all of them landed; this attempt stored (or adopted) other bytes for
+                # some. A record must name the objects that are there: replace it.
+                self._store.delete_object(key)
+                stored = self._put_record_once(key, request_id, record)
         return StoredObjectRef(
             stored.bucket, stored.key, stored.version_id, stored.sha256, stored.size
         )
+
+    def _put_record_once(
+        self, key: str, request_id: str, record: Mapping[str, Any]
+    ) -> StoredObject:
+        return self._store.put_json(
+            key, record, metadata={"request-id": request_id}, tags={"kind": "audit-record"}
+        )
+
+    def _recorded_objects(self, key: str) -> Any:
+        """The objects an existing audit record names (None if it is not a record)."""
+        try:
+            return json.loads(self._store.get_object(key)).get("objects")
+        except (ValueError, AttributeError):
+            return None
 
     def discard(self, *, request_id: str, created_at: datetime) -> list[str]:
         """Delete what a failed request stored: everything under its own prefix (built,

@@ -57,13 +57,19 @@ class OutboxDispatcher:
         self._batch = batch
         self._default_policy = default_policy or RetryPolicy()
 
-    def enqueue_result(self, request_key: str, event: Mapping[str, Any]) -> list[str]:
-        """Queue a published result for every configured sink (ports.ResultOutbox); the
-        delivery ids. Idempotent per (sink, request). Raises if the ledger cannot take
-        it (LedgerUnavailableError): the caller requeues the request's delivery."""
-        if not self._sinks:
+    def enqueue_result(
+        self, request_key: str, event: Mapping[str, Any], publisher: str | None = None
+    ) -> list[str]:
+        """Queue a published result for every configured sink that wants its publisher's
+        results (ports.ResultOutbox); the delivery ids. Idempotent per (sink, request).
+        Raises if the ledger cannot take it (LedgerUnavailableError): the caller requeues
+        the request's delivery."""
+        sinks = [name for name, sink in self._sinks.items() if _wants(sink, publisher)]
+        if not sinks:
             return []
-        return self._outbox.enqueue(request_key, event, list(self._sinks), now=self._clock())
+        return self._outbox.enqueue(
+            request_key, event, sinks, publisher=publisher, now=self._clock()
+        )
 
     def run_once(self, limit: int = 50) -> int:
         """Deliver up to `limit` due rows, claiming `batch` at a time (a claim is a
@@ -101,6 +107,7 @@ class OutboxDispatcher:
             request_id=claim.request_id,
             attempt=claim.attempt,
             event=claim.event,
+            publisher=claim.publisher,
         )
         try:
             sink.deliver(delivery)
@@ -148,3 +155,9 @@ class OutboxDispatcher:
                 fields["error"],
                 extra={"fields": fields},
             )
+
+
+def _wants(sink: ResultSink, publisher: str | None) -> bool:
+    """Whether `sink` takes this publisher's results (its optional `wants`; else all)."""
+    wants = getattr(sink, "wants", None)
+    return True if wants is None else bool(wants(publisher))

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import aio_pika
@@ -31,6 +31,7 @@ from zimage_pipeline.messages import (
     Priority,
 )
 from zimage_pipeline.observability import Metrics, bind_job, unbind_job
+from zimage_pipeline.outcomes import Handling, handling
 from zimage_pipeline.service import Outcome, RequestService
 from zimage_pipeline.settings import BrokerSettings, WorkerSettings
 from zimage_pipeline.worker.scheduler import FairScheduler
@@ -75,12 +76,34 @@ class InternalError(ZImageError):
     reason = "INTERNAL_ERROR"
 
 
+# A publication timestamp further back than this is not believed (see queued_since).
+MAX_TRUSTED_QUEUE_WAIT_S = 24 * 3600.0
+
+
 @dataclass(slots=True)
 class _Delivery:
     message: AbstractIncomingMessage
     priority: Priority
     principal: str | None
     attempt: int
+    received_at: float = field(default_factory=time.time)  # wall clock, for queue wait
+
+    def queued_since(self) -> float:
+        """When it was published (the AMQP timestamp, whole seconds, if its publisher set
+        one; republished retry copies carry none), else when this worker received it.
+
+        The timestamp is the publisher's word: one older than MAX_TRUSTED_QUEUE_WAIT_S
+        (a zero, a wrong clock, a hostile client) is ignored, so that one tenant cannot
+        skew the fleet's queue-wait histogram, whose sum feeds averages and alerts."""
+        stamp = self.message.timestamp
+        if stamp is None:
+            return self.received_at
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=UTC)
+        published = stamp.timestamp()
+        if published < self.received_at - MAX_TRUSTED_QUEUE_WAIT_S:
+            return self.received_at
+        return min(published, self.received_at)
 
 
 class Worker:
@@ -348,6 +371,9 @@ class Worker:
                 delivery = self._scheduler.take()
             self._metrics.buffered.set(len(self._scheduler))
             self.last_progress = time.monotonic()
+            self._metrics.queue_wait_seconds.labels(delivery.priority.value).observe(
+                max(0.0, time.time() - delivery.queued_since())
+            )
             task = asyncio.create_task(self._process(delivery))
             self._in_flight[task] = delivery
             self._metrics.in_flight.set(len(self._in_flight))
@@ -406,7 +432,9 @@ class Worker:
             except ZImageError as exc:  # the result is out; a missing event is logged, not fatal
                 log.warning("could not record the published event: %s", exc)
             # Before the ack: a failure here requeues the delivery (see hand_to_sinks).
-            if await self._service.hand_to_sinks(result, ledger_key=outcome.ledger_key):
+            if await self._service.hand_to_sinks(
+                result, ledger_key=outcome.ledger_key, publisher=delivery.principal
+            ):
                 self.sinks_pending.set()
             self._metrics.jobs.labels(result.status.value, result.reason or "").inc()
             for phase, seconds in result.timings_s.items():
@@ -424,7 +452,7 @@ class Worker:
             unbind_job(token)
 
     async def _on_error(self, delivery: _Delivery, error: ZImageError) -> None:
-        if error.disposition is Disposition.FATAL:
+        if handling(error) is Handling.EXIT:
             log.critical("fatal error, stopping the worker: %s", error)
             self.fatal = error
             await self._nack_requeue(delivery)

@@ -25,12 +25,16 @@ class HealthServer:
         host: str,
         port: int,
         problem: Callable[[], str | None] = lambda: None,
+        details: Callable[[], list[str]] = list,
     ) -> None:
         self._registry = registry
         self._is_ready = is_ready
         # What makes the process unusable though its loop runs (None: nothing): the
         # liveness probe must fail then, so that the supervisor restarts it.
         self._problem = problem
+        # Lines /readyz adds to its answer: what an operator should know but that does
+        # not make the worker unready (a refused config reload: the last good one runs).
+        self._details = details
         self._host = host
         self._port = port
         self._server: asyncio.Server | None = None
@@ -74,9 +78,10 @@ class HealthServer:
                 return 503, "text/plain", f"unhealthy: {problem}\n".encode()
             return 200, "text/plain", b"ok\n"
         if path == "/readyz":
+            notes = "".join(f"{line}\n" for line in self._details())
             if self._is_ready():
-                return 200, "text/plain", b"ready\n"
-            return 503, "text/plain", b"not ready\n"
+                return 200, "text/plain", f"ready\n{notes}".encode()
+            return 503, "text/plain", f"not ready\n{notes}".encode()
         if path == "/metrics":
             return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
         return 404, "text/plain", b"not found\n"

@@ -23,6 +23,7 @@ from zimage_pipeline.watchdog import (
 )
 from zimage_pipeline.worker import periodic
 from zimage_pipeline.worker.consumer import EXIT_FATAL, Worker
+from zimage_pipeline.worker.gauges import TeamQuotaGauges, watch_anchor_age
 from zimage_pipeline.worker.health import HealthServer
 from zimage_pipeline.worker.periodic import RESULT_SINKS_JOB, PeriodicJob
 
@@ -47,13 +48,69 @@ def _gpu_memory_probe(metrics: Metrics) -> None:
         metrics.gpu_memory_bytes.set(torch.cuda.memory_allocated())
 
 
-def _worker_jobs(metrics: Metrics, service: RequestService) -> list[PeriodicJob]:
+def _worker_jobs(
+    settings: Settings, wiring: Wiring, metrics: Metrics, service: RequestService
+) -> list[PeriodicJob]:
     """The worker's own periodic jobs, beside the wiring's housekeeping."""
-    return [
+    jobs = [
         # A junk window's count is written even when the junk stops.
         PeriodicJob("junk_summaries", 30.0, service.flush_junk_summaries, housekeeping=False),
         PeriodicJob("gpu_memory", 30.0, lambda: _gpu_memory_probe(metrics), housekeeping=False),
     ]
+    if wiring.quota is not None:
+        jobs.append(TeamQuotaGauges(wiring.quota, settings.policy, metrics).job())
+    return jobs
+
+
+RELOAD_CONFIG_JOB = "reload_config"
+
+
+class _ConfigReload:
+    """Reload the templates when their directory changes (and on SIGHUP) and the policy
+    when its file does; a refused new version leaves the last good one in use, counted
+    and shown on /readyz."""
+
+    def __init__(self, settings: Settings, wiring: Wiring, metrics: Metrics) -> None:
+        self._settings = settings
+        self._wiring = wiring
+        self._metrics = metrics
+        self._policy_error: str | None = None  # the refusal last counted, if any
+        wiring.templates.on_result = self._templates_reloaded
+
+    def job(self) -> PeriodicJob:
+        poll_s = self._settings.templates.reload_poll_s
+        return PeriodicJob(RELOAD_CONFIG_JOB, poll_s, self.run, housekeeping=False)
+
+    def run(self) -> None:
+        from zimage_pipeline.policy import load_rules, policy_refused
+
+        self._wiring.templates.poll()
+        load_rules(self._settings.policy)  # re-read only when the file changed
+        error = policy_refused(self._settings.policy)
+        if error != self._policy_error:
+            result = "ok" if error is None else "refused"
+            self._metrics.config_reloads.labels("policy", result).inc()
+            self._policy_error = error
+        self._refused_now("policy", error is not None)
+
+    def _templates_reloaded(self, ok: bool) -> None:
+        self._metrics.config_reloads.labels("templates", "ok" if ok else "refused").inc()
+        self._refused_now("templates", not ok)
+
+    def _refused_now(self, what: str, refused: bool) -> None:
+        self._metrics.config_refused.labels(what).set(1 if refused else 0)
+
+
+def _config_details(settings: Settings, wiring: Wiring) -> list[str]:
+    from zimage_pipeline.policy import policy_refused
+
+    lines = []
+    if wiring.templates.error is not None:
+        lines.append(f"templates: new files refused, last good in use: {wiring.templates.error}")
+    policy_error = policy_refused(settings.policy)
+    if policy_error is not None:
+        lines.append(f"policy: new file refused, last good in use: {policy_error}")
+    return lines
 
 
 def generation_watchdog(settings: WorkerSettings) -> GenerationWatchdog:
@@ -77,9 +134,18 @@ async def run_worker(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reload_now = asyncio.Event()
+
+    def on_sighup() -> None:
+        wiring.templates.request_reload()
+        reload_now.set()
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
 
     worker_id = settings.worker.worker_id or default_worker_id()
     metrics = Metrics()
+    if wiring.anchorer is not None:
+        watch_anchor_age(metrics, wiring.anchorer, settings.audit.anchor_interval_s)
     # One GPU thread: the engine is not re-entrant and the GPU is one device. A small
     # pool for the blocking I/O adapters (ledger, ldap3, boto3, image encoding).
     gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zimage-gpu")
@@ -113,13 +179,18 @@ async def run_worker(
             host=settings.worker.http_host,
             port=settings.worker.http_port,
             problem=watchdog.problem,
+            details=lambda: _config_details(settings, wiring),
         )
         await health.start()
     log.info("worker %s starting", worker_id)
     background = periodic.start(
-        [*wiring.periodic, *_worker_jobs(metrics, service)],
+        [
+            *wiring.periodic,
+            *_worker_jobs(settings, wiring, metrics, service),
+            _ConfigReload(settings, wiring, metrics).job(),
+        ],
         io,
-        wakers={RESULT_SINKS_JOB: worker.sinks_pending},
+        wakers={RESULT_SINKS_JOB: worker.sinks_pending, RELOAD_CONFIG_JOB: reload_now},
     )
     try:
         code = await worker.run_until(stop)

@@ -221,6 +221,21 @@ class ResultTap:
 async def result_tap(settings: Settings) -> AsyncIterator[ResultTap]:
     tap = ResultTap()
     connection = await connect_robust(settings.broker, name="fault-matrix tap")
+    # While the tap's own connection is down, what the broker routes to its queues waits
+    # there and is seen only when it is back: its arrival times say when the tap
+    # reconnected, not when the broker delivered. Those windows count as outages.
+    blind_since: list[int] = []
+
+    def blinded(*_: Any) -> None:
+        blind_since.append(int(time.time() * 1000))
+
+    def seeing_again(*_: Any) -> None:
+        if blind_since:
+            tap.broker.outages.append((blind_since[0], int(time.time() * 1000)))
+            blind_since.clear()
+
+    connection.close_callbacks.add(blinded)
+    connection.reconnect_callbacks.add(seeing_again)
     try:
         channel = await connection.channel()
         requests, results = await declare_exchanges(channel, settings.broker)

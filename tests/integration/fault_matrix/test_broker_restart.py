@@ -28,7 +28,12 @@ from tests.integration.fault_matrix.stack import (
     wait_until,
     wired,
 )
-from tests.integration.worker_harness import Client, client, running_worker
+from tests.integration.worker_harness import (
+    Client,
+    broker_dead_letter_resend_s,
+    client,
+    running_worker,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -98,6 +103,7 @@ async def publish_when_possible(alice: Client, body: dict[str, object]) -> None:
     raise AssertionError("the client could not publish after the broker restart")
 
 
+@pytest.mark.timeout(600)  # the broker's dead-letter resend interval, 180 s by default
 async def test_broker_restart_mid_stream_consumers_return_nothing_lost(
     tiny_model: Path, postgres_url: str
 ) -> None:
@@ -115,7 +121,11 @@ async def test_broker_restart_mid_stream_consumers_return_nothing_lost(
                 await alice.publish(request(rid))
             await wait_until(lambda: sum(bool(tap.of(r)) for r in ids) >= 2, "two answers")
 
+            stopped_ms = int(time.time() * 1000)
             await asyncio.to_thread(restart_broker)
+            tap.broker.outages.append((stopped_ms, int(time.time() * 1000)))
+            resend_s = await asyncio.to_thread(broker_dead_letter_resend_s)
+            tap.broker.dead_letter_resend_s = resend_s
             await wait_until(
                 lambda: running.worker.ready and running.worker.connections_opened >= 2,
                 "the worker to reconnect and consume again by itself",
@@ -123,10 +133,12 @@ async def test_broker_restart_mid_stream_consumers_return_nothing_lost(
             )
             for rid in ids[BEFORE:]:
                 await publish_when_possible(alice, request(rid))
-            await tap.wait_for(*ids, timeout_s=120)
+            await tap.wait_for(*ids, timeout_s=120 + resend_s)
     assert {tap.first(r)["status"] for r in ids} == {"succeeded"}
     assert counting.images == len(ids)  # a redelivery republishes, never regenerates
     # A delivery whose ack the restart lost comes back and is answered again (the stored
     # result republished, nothing generated: counted above), as often as a connection
     # drops under it: at-least-once, bounded by the deliveries in flight.
+    # The tap saw the restart too: its own reconnection is an outage it recorded.
+    assert len(tap.broker.outages) >= 2, tap.broker.outages
     assert_invariants(settings, tap, expected=set(ids), extra_results=BEFORE)

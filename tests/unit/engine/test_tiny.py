@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -32,3 +34,16 @@ def test_make_tiny_refuses_a_non_empty_directory_unless_forced(tmp_path: Path) -
     assert forced.exit_code == 0, forced.output
     assert (target / "model_index.json").is_file()
     assert not (target / "notes.txt").exists()
+
+
+def test_make_tiny_leaves_a_directory_others_may_read_under_the_umask(tmp_path: Path) -> None:
+    # The image builds the model as root and the worker reads it as uid 10001: a 0700
+    # directory (what a temporary directory is made with) would lock the worker out.
+    old = os.umask(0o022)
+    try:
+        result = CliRunner().invoke(app, ["model", "make-tiny", str(tmp_path / "shared")])
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE((tmp_path / "shared").stat().st_mode) == 0o755
+    assert not list(tmp_path.glob(".shared.*")), "no staging directory left behind"

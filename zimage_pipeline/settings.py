@@ -610,29 +610,82 @@ def load_settings(config_path: Path | None = None, **overrides: Any) -> Settings
 
 # Paths a config file names relative to itself, as people expect of a file that refers
 # to its neighbours (a path from the environment or an argument is the caller's own).
-RELATIVE_TO_CONFIG_FILE = (("policy", "file"), ("templates", "dir"))
+# These two defaults are neighbours of the config file too, even when the file is silent.
+DEFAULTS_BESIDE_CONFIG_FILE = (("policy", "file"), ("templates", "dir"))
 
 
 def _relative_to_config_file(
     settings: Settings, toml_path: Path, overrides: dict[str, Any]
 ) -> Settings:
-    """Relative paths of the file (or the defaults it leaves) resolved against its
-    directory; without a config file they stay relative to the working directory."""
+    """Relative paths of the file resolved against its directory: every path setting
+    the file sets (`ca_cert_file = "ca.pem"`, `[adapters.x] path`), the two defaults
+    above, and in the plugins' tables every key ending in `_file` (the project's
+    convention for a key naming a file, e.g. the webhook's `secret_file`). Without a
+    config file, relative paths stay relative to the working directory."""
     if not toml_path.is_file():
         return settings
+    base = toml_path.parent
     changes: dict[str, Any] = {}
-    for section, key in RELATIVE_TO_CONFIG_FILE:
-        env = f"ZIMAGE_{section.upper()}__{key.upper()}"
-        current = getattr(settings, section)
-        value = getattr(current, key)
-        if section in overrides or env in os.environ or value is None or value.is_absolute():
+    for section in type(settings).model_fields:
+        if section in overrides:
             continue
-        changes[section] = current.model_copy(update={key: toml_path.parent / value})
+        current = getattr(settings, section)
+        if isinstance(current, PluginsSettings):
+            tables = {
+                name: _plugin_files_beside(base, table, f"ZIMAGE_PLUGINS__{name}")
+                for name, table in current.tables().items()
+            }
+            if tables != current.tables():
+                changes[section] = current.model_copy(update=tables)
+        elif isinstance(current, BaseModel):
+            update = {
+                key: base / value
+                for key, value in _relative_paths(current)
+                if f"ZIMAGE_{section}__{key}".upper() not in _env_names()
+                and (
+                    key in current.model_fields_set or (section, key) in DEFAULTS_BESIDE_CONFIG_FILE
+                )
+            }
+            if update:
+                changes[section] = current.model_copy(update=update)
     if settings.adapters and "adapters" not in overrides:
         changes["adapters"] = {
             name: adapter
             if adapter.path.is_absolute()
-            else adapter.model_copy(update={"path": toml_path.parent / adapter.path})
+            else adapter.model_copy(update={"path": base / adapter.path})
             for name, adapter in settings.adapters.items()
         }
     return settings.model_copy(update=changes) if changes else settings
+
+
+def _relative_paths(section: BaseModel) -> list[tuple[str, Path]]:
+    return [
+        (key, value)
+        for key in type(section).model_fields
+        if isinstance(value := getattr(section, key), Path) and not value.is_absolute()
+    ]
+
+
+def _env_names() -> set[str]:
+    return {name.upper() for name in os.environ}
+
+
+def _plugin_files_beside(base: Path, table: dict[str, Any], env_prefix: str) -> dict[str, Any]:
+    """A plugin table with its relative `*_file` strings resolved against `base`, in
+    nested tables too (`publishers.<account>.secret_file`); one set from the
+    environment is left as given."""
+    resolved: dict[str, Any] = {}
+    for key, value in table.items():
+        env = f"{env_prefix}__{key}".upper()
+        if isinstance(value, dict):
+            resolved[key] = _plugin_files_beside(base, value, env)
+        elif (
+            key.endswith("_file")
+            and isinstance(value, str)
+            and not Path(value).is_absolute()
+            and env not in _env_names()
+        ):
+            resolved[key] = str(base / value)
+        else:
+            resolved[key] = value
+    return resolved

@@ -223,3 +223,41 @@ def test_paths_in_a_config_file_are_relative_to_it(
     assert settings.templates.dir == tmp_path / "etc" / "templates"  # the default, too
     monkeypatch.setenv("ZIMAGE_POLICY__FILE", "here.toml")  # the environment's own path
     assert load_settings(config).policy.file == Path("here.toml")
+
+
+def test_every_path_a_config_file_sets_is_relative_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only the policy and the templates: a CA bundle, a C2PA chain, and a plugin's
+    `*_file` keys (nested ones too) that the file names are its neighbours; absolute
+    paths, unset defaults and paths from the environment stay as given."""
+    from zimage_pipeline.settings import load_settings
+
+    for name in list(os.environ):
+        if name.startswith("ZIMAGE_"):
+            monkeypatch.delenv(name)
+    config = tmp_path / "etc" / "zimage.toml"
+    config.parent.mkdir()
+    config.write_text(
+        '[broker]\nca_cert_file = "tls/ca.pem"\n'
+        '[provenance]\nc2pa_cert_chain_file = "/abs/chain.pem"\n'
+        "[plugins.webhook]\n"
+        'secret_file = "secrets/shared"\nurls = ["https://cms.example/hook"]\n'
+        '[plugins.webhook.publishers.alice]\nsecret_file = "secrets/alice"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(config)
+    etc = tmp_path / "etc"
+    assert settings.broker.ca_cert_file == etc / "tls" / "ca.pem"
+    assert settings.provenance.c2pa_cert_chain_file == Path("/abs/chain.pem")
+    assert settings.directory.ca_cert_file is None
+    webhook = settings.plugins.tables()["webhook"]
+    assert webhook["secret_file"] == str(etc / "secrets" / "shared")
+    assert webhook["publishers"]["alice"]["secret_file"] == str(etc / "secrets" / "alice")
+    assert webhook["urls"] == ["https://cms.example/hook"]  # not a path: untouched
+
+    monkeypatch.setenv("ZIMAGE_BROKER__CA_CERT_FILE", "mine.pem")
+    monkeypatch.setenv("ZIMAGE_PLUGINS__WEBHOOK__SECRET_FILE", "env-secret")
+    from_env = load_settings(config)
+    assert from_env.broker.ca_cert_file == Path("mine.pem")
+    assert from_env.plugins.tables()["webhook"]["secret_file"] == "env-secret"

@@ -134,7 +134,9 @@ class FakeJobs:
             ):
                 return JobBegin(BeginKind.BUSY, row["attempts"], row["created_at"])
             row.update(attempts=row["attempts"] + 1, worker_id=worker_id, touched=now)
-            return JobBegin(BeginKind.NEW, row["attempts"], row["created_at"])
+            return JobBegin(
+                BeginKind.NEW, row["attempts"], row["created_at"], template=row.get("template")
+            )
 
     def mark(
         self, request_id: str, status: str, *, roles_snapshot: Mapping[str, Any] | None = None
@@ -557,6 +559,9 @@ class FakeLedger:
     ) -> None:
         self.quota.reserve(request_id=request_id, authorization=authorization, images=images)
         self.jobs.mark(request_id, "running")
+        if template is not None:
+            with self.jobs.lock:
+                self.jobs.rows[request_id]["template"] = template
         self.audit.append_many(audit)
 
     def admit_new(
@@ -582,7 +587,11 @@ class FakeLedger:
         )
         assert begun.kind is BeginKind.NEW
         self.admit(
-            request_id=job.request_id, authorization=authorization, images=images, audit=audit
+            request_id=job.request_id,
+            authorization=authorization,
+            images=images,
+            audit=audit,
+            template=template,
         )
         self.fast_admissions += 1
         return True

@@ -44,6 +44,9 @@ class JobBegin:
     # TERMINAL because this publisher cancelled the id before the request arrived: the
     # service adopts the row (Jobs.adopt_cancelled) and, the first time, writes the trail.
     cancelled_on_arrival: bool = False
+    # NEW as a takeover of an earlier attempt that was admitted: the template version it
+    # was rendered from, so the request finishes under the catalogue it was admitted with.
+    template: TemplateRef | None = None
 
 
 @dataclass(frozen=True, slots=True)

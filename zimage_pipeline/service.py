@@ -40,6 +40,7 @@ from zimage_pipeline.messages import (
     GenerationResult,
     Priority,
     Status,
+    TemplateRef,
 )
 from zimage_pipeline.outcomes import Handling, dead_letters, ending_status, handling
 from zimage_pipeline.plugins.registry import LoadedPlugins
@@ -219,16 +220,8 @@ class RequestService:
         # The digest of what the client sent, not of what its template renders to now: a
         # redelivery is the same request whatever the catalogue says by then.
         digest = payload_digest(request)
-        authorized = await identify(
-            self._rt,
-            self._p.authorizer,
-            self._p.plugins,
-            self._p.templates(),
-            self._p.inputs,
-            request,
-            principal,
-            adapters=self._p.adapters,
-        )
+        catalogue = self._p.templates()  # once per delivery: a reload does not split it
+        authorized = await self._identify(catalogue, request, principal)
         job = Job(
             authorized.request,
             principal,
@@ -246,7 +239,53 @@ class RequestService:
             auth = await self._admit(job, authorized, new=True)
             if auth is not None:
                 return await self._run(job, lambda: self._execute(job, auth))
-        return await self._begin_and_serve(request, principal, digest, authorized, body)
+        return await self._begin_and_serve(request, principal, digest, authorized, body, catalogue)
+
+    async def _identify(
+        self, catalogue: Catalogue, request: GenerationRequest, principal: str
+    ) -> Identified:
+        return await identify(
+            self._rt,
+            self._p.authorizer,
+            self._p.plugins,
+            catalogue,
+            self._p.inputs,
+            request,
+            principal,
+            adapters=self._p.adapters,
+        )
+
+    async def _as_first_admitted(
+        self,
+        catalogue: Catalogue,
+        request: GenerationRequest,
+        principal: str,
+        first: TemplateRef | None,
+        authorized: Identified,
+    ) -> Identified:
+        """A takeover of an admitted attempt (its worker died) renders the template
+        version that attempt was admitted with, not one the catalogue got since: an
+        admitted request finishes under the catalogue it was admitted with, as it would
+        have without the crash. A version since removed from the catalogue cannot be:
+        the request then runs with the current one, and says so in the log."""
+        if first is None or request.template is None:
+            return authorized
+        if authorized.request.template == first:
+            return authorized
+        try:
+            catalogue.resolve(first)
+        except InvalidRequestError:
+            log.warning(
+                "request %s: template %s@v%s of its admitted attempt is no longer in the "
+                "catalogue; rendering the current version",
+                request.request_id,
+                first.id,
+                first.version,
+            )
+            return authorized
+        return await self._identify(
+            catalogue, request.model_copy(update={"template": first}), principal
+        )
 
     async def _begin_and_serve(
         self,
@@ -255,6 +294,7 @@ class RequestService:
         digest: str,
         authorized: Identified,
         body: bytes,
+        catalogue: Catalogue,
     ) -> Outcome:
         begin = await self._rt.io(
             self._p.jobs.begin,
@@ -284,6 +324,9 @@ class RequestService:
                 stored = await self._adopt_cancelled(authorized.request, principal, digest, stored)
             return Outcome(stored, republished=True)
 
+        authorized = await self._as_first_admitted(
+            catalogue, request, principal, begin.template, authorized
+        )
         job = Job(
             request=authorized.request,  # rendered from its template, if it names one
             inputs=authorized.inputs,

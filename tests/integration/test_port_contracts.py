@@ -52,7 +52,7 @@ from zimage_pipeline.ledger.discards import DiscardQueue
 from zimage_pipeline.ledger.jobs import JobStore
 from zimage_pipeline.ledger.models import AuditEventRow
 from zimage_pipeline.ledger.quota import QuotaLedger
-from zimage_pipeline.messages import CancelOutcome, GenerationRequest, ImageFormat
+from zimage_pipeline.messages import CancelOutcome, GenerationRequest, ImageFormat, TemplateRef
 from zimage_pipeline.policy import EffectivePolicy, QuotaLimits
 from zimage_pipeline.ports import (
     Audit,
@@ -541,6 +541,28 @@ def test_a_request_is_admitted_charged_once_and_ends_with_its_result(
     assert t.jobs.terminal_result("l-1") == {"request_id": "l-1", "status": "succeeded"}
     assert not t.ledger.heartbeat("l-1", worker_id="w1")  # finished: nothing to keep alive
     assert t.events("l-1") == ["received", "quota_reserved", "quota_committed"]
+
+
+def test_a_takeover_is_told_the_template_its_admitted_attempt_used(
+    ledger_under_test: LedgerUnderTest,
+) -> None:
+    """The worker of an admitted attempt died: the next begin takes the job over and
+    hands back the template version recorded at admission (the service renders it
+    again); a job admitted without a template hands back none."""
+    t = ledger_under_test
+    used = TemplateRef(id="ecommerce-hero", version=3, sha256="c" * 64)
+    for rid, template in (("l-t1", used), ("l-t2", None)):
+        assert t.ledger.admit_new(
+            job=new_job(rid), authorization=t.authorization, images=1, audit=[], template=template
+        )
+        again = t.jobs.begin(
+            request_id=rid,
+            payload_sha256="a" * 64,
+            principal="alice",
+            on_behalf_of="alice",
+            worker_id="w2",
+        )
+        assert (again.kind, again.attempts, again.template) == (BeginKind.NEW, 2, template)
 
 
 def test_a_quota_refusal_writes_nothing(ledger_under_test: LedgerUnderTest) -> None:

@@ -90,6 +90,9 @@ class JobRecord:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    # The template version an admitted attempt was rendered from (None: no template, or
+    # not admitted yet).
+    template: TemplateRef | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,6 +472,7 @@ def _record(row: Row[Any]) -> JobRecord:
         created_at=as_utc(row.created_at),
         updated_at=as_utc(row.updated_at),
         finished_at=as_utc(row.finished_at) if row.finished_at else None,
+        template=_template_of(row),
     )
 
 
@@ -477,6 +481,12 @@ def _require(connection: Connection, request_id: str) -> JobRecord:
     if job is None:
         raise JobNotFoundError(f"no job for request {request_id!r}")
     return job
+
+
+def _template_of(row: Row[Any]) -> TemplateRef | None:
+    if row.template_id is None or row.template_version is None:
+        return None
+    return TemplateRef(id=row.template_id, version=row.template_version, sha256=row.template_sha256)
 
 
 def _template_columns(template: TemplateRef | None) -> dict[str, Any]:

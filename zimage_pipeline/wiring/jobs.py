@@ -82,7 +82,7 @@ class LedgerJobs:
             return JobBegin(BeginKind.CONFLICT, job.attempts, job.created_at)
         if begun.kind is ledger_jobs.BeginKind.TERMINAL:
             return JobBegin(BeginKind.TERMINAL, job.attempts, job.created_at, job.result)
-        return JobBegin(BeginKind.NEW, job.attempts, job.created_at)
+        return JobBegin(BeginKind.NEW, job.attempts, job.created_at, template=job.template)
 
     def _move_tombstone(self, request_id: str, tombstone_of: str) -> bool:
         key = scoped_key(request_id, tombstone_of)

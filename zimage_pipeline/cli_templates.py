@@ -27,6 +27,8 @@ def parse_variables(pairs: list[str]) -> dict[str, str]:
         name, sep, value = pair.partition("=")
         if not sep:
             raise typer.BadParameter(f"--var {pair!r}: expected NAME=VALUE")
+        if name in variables:
+            raise typer.BadParameter(f"--var {name}: given twice")
         variables[name] = value
     return variables
 
@@ -88,12 +90,18 @@ def register(templates_app: typer.Typer, settings_of: Callable[[Path | None], Se
         config: ConfigOption = None,
     ) -> None:
         """One template as loaded, with its file and SHA-256 (JSON)."""
+        from pydantic import ValidationError
+
+        from zimage_pipeline.decoding import describe_validation_error
         from zimage_pipeline.messages import TemplateRef
 
         catalogue = catalogue_of(directory, config)
         try:
             entry = catalogue.resolve(TemplateRef(id=template_id, version=version))
-        except (ZImageError, ValueError) as exc:
+        except ValidationError as exc:
+            typer.echo(f"error: template: {describe_validation_error(exc)}", err=True)
+            raise typer.Exit(EXIT_INVALID) from None
+        except ZImageError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(EXIT_INVALID) from None
         shown = {"file": entry.file, "sha256": entry.sha256, **entry.template.model_dump()}
@@ -116,7 +124,7 @@ def register(templates_app: typer.Typer, settings_of: Callable[[Path | None], Se
         document = {
             "request_id": "render-preview",
             "on_behalf_of": "preview",
-            "template": {"id": template_id, **({"version": version} if version else {})},
+            "template": {"id": template_id, **({} if version is None else {"version": version})},
             "variables": parse_variables(var or []),
             **({"prompt": prompt} if prompt else {}),
         }

@@ -75,7 +75,7 @@ def _parse_object(body: bytes, *, max_bytes: int) -> dict[str, Any]:
     try:
         # The stdlib parser first: it names the position of a syntax error, and with
         # parse_constant we refuse NaN/Infinity, which are not JSON.
-        document = json.loads(text, parse_constant=_refuse_constant)
+        document = json.loads(text, parse_constant=_refuse_constant, parse_int=_bounded_int)
     except ValueError as exc:
         raise InvalidRequestError(f"body: not valid JSON ({exc})") from exc
     if not isinstance(document, dict):
@@ -98,9 +98,23 @@ def _decode(body: bytes, model: type[_M], *, max_bytes: int) -> _M:
     text = body.decode("utf-8")
     try:
         # Strict JSON-mode validation: types exactly as JSON gives them.
-        return model.model_validate_json(text, strict=True)
+        # By alias only: `schema_` is the Python name of `schema`, not a second spelling.
+        return model.model_validate_json(text, strict=True, by_alias=True, by_name=False)
     except ValidationError as exc:
         raise InvalidRequestError(describe_validation_error(exc)) from exc
+
+
+# No field takes an integer longer than a seed (2**63 - 1: 19 digits); checked before
+# conversion, so a 5,000-digit number is refused by its length, not by the interpreter's
+# int-size guard (whose message names a server setting).
+MAX_INTEGER_DIGITS = 20
+
+
+def _bounded_int(literal: str) -> int:
+    digits = len(literal.lstrip("-"))
+    if digits > MAX_INTEGER_DIGITS:
+        raise ValueError(f"an integer of {digits} digits; at most {MAX_INTEGER_DIGITS}")
+    return int(literal)
 
 
 def _refuse_constant(name: str) -> Any:

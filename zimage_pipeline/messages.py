@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Final, Literal
@@ -32,6 +31,7 @@ from zimage_pipeline.ids import (
     REQUEST_ID_PATTERN,
     no_forbidden_run,
 )
+from zimage_pipeline.invisible import is_ignorable
 from zimage_pipeline.reasons import Reason, is_client_reason
 
 REQUEST_SCHEMA: Final = "zimage.request/v1"
@@ -60,15 +60,33 @@ DirectoryId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 LabelKey = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_.-]*$")
 ]
-LabelValue = Annotated[str, StringConstraints(max_length=256)]
+# A label is one line of printable text: no C0 or C1 control character (a NUL would
+# not even fit PostgreSQL's text columns, where labels are indexed for the audit).
+LABEL_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
-CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+def _one_printable_line(value: str) -> str:
+    if LABEL_CONTROL_CHARS.search(value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+LabelValue = Annotated[
+    str,
+    StringConstraints(max_length=256),
+    AfterValidator(_one_printable_line),
+    Field(json_schema_extra={"pattern": r"^[^\x00-\x1f\x7f-\x9f]*$"}),
+]
+
+# In a prompt: C0 and C1 controls, except tab, line feed and carriage return.
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 def _invisible(char: str) -> bool:
-    """Whitespace, or a format character that renders as nothing (zero-width space,
-    joiners, the byte order mark, bidi marks): a prompt of only these says nothing."""
-    return char.isspace() or unicodedata.category(char) == "Cf"
+    """Whitespace, or a character that renders as nothing (zero-width space, joiners,
+    the byte order mark, bidi marks, variation selectors, fillers): a prompt of only
+    these says nothing."""
+    return char.isspace() or is_ignorable(char)
 
 
 class Priority(StrEnum):
@@ -172,7 +190,10 @@ class ImageRef(BaseModel):
             "not": {"pattern": s3names.KEY_SCHEMA_NOT},
         },
     )
-    version_id: str | None = Field(default=None, min_length=1, max_length=1024)
+    # Opaque to us, printable ASCII in every S3 implementation (a query parameter).
+    version_id: str | None = Field(
+        default=None, min_length=1, max_length=1024, pattern=r"^[\x21-\x7e]+$"
+    )
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)

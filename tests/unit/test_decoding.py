@@ -97,6 +97,27 @@ def test_full_request_round_trips() -> None:
         (b'{"request_id":"a","on_behalf_of":"x","prompt":"p","guidance_scale":1e999}', "guidance"),
         (body(guidance_scale=True), "guidance_scale"),
         (body(schema="zimage.request/v2"), "schema"),
+        # A NUL would not fit PostgreSQL's text columns, where labels are indexed.
+        (body(labels={"a": "x\x00y"}), "labels.a: Value error, must not contain control"),
+        (body(labels={"a": "line\nbreak"}), "labels.a: Value error, must not contain control"),
+        (body(labels={"a": "c1\x85"}), "labels.a: Value error, must not contain control"),
+        (body(prompt="a \x9b cat"), "prompt: Value error, must not contain control characters"),
+        # Invisible characters beyond category Cf: a grapheme joiner, variation selectors.
+        (body(prompt="\u034f\ufe0f \u3164"), "prompt: Value error, must not be blank"),
+        # `schema_` is the Python name of `schema`, not a second spelling on the wire.
+        (body(schema_="zimage.request/v1"), "unknown field(s): schema_"),
+        (
+            b'{"request_id":"a","on_behalf_of":"x","prompt":"p","seed":' + b"9" * 4400 + b"}",
+            "an integer of 4400 digits; at most 20",
+        ),
+        (
+            body(
+                task="image_to_image",
+                strength=0.5,
+                init_image={"bucket": "cms", "key": "a.png", "version_id": "v\x001"},
+            ),
+            "init_image.version_id",
+        ),
     ],
 )
 def test_bad_input_names_the_problem(raw: bytes, named: str) -> None:

@@ -83,7 +83,12 @@ def test_a_plugin_key_that_is_not_a_table_is_a_config_error(tmp_path: Any) -> No
 
 @pytest.mark.parametrize(
     "prompt",
-    ["foo", "FOO", "\uff46\uff4f\uff4f", "f\u200boo", "f\u00adoo", "a\u2060 foo!", "Foo-bar"],
+    [
+        *("foo", "FOO", "\uff46\uff4f\uff4f", "f\u200boo", "f\u00adoo", "a\u2060 foo!", "Foo-bar"),
+        # Invisible but not category Cf: grapheme joiner, variation selector, Mongolian
+        # free variation selector, Hangul filler (found by a probe: they got through).
+        *("f\u034foo", "fo\ufe0fo", "f\u180boo", "f\u3164oo", "f\U000e0020oo"),
+    ],
 )
 def test_normalised_forms_of_a_word_are_refused(prompt: str) -> None:
     rules = deny_list({"rules": [{"id": "house-1", "words": ["foo"]}]})

@@ -186,3 +186,22 @@ async def test_a_postprocessor_name_that_is_no_key_segment_is_a_plugin_failure()
     assert result.reason == "PLUGIN_FAILED"
     assert not [k for k in ports.store.objects if ".." in k]
     assert "key segment" in trail(ports, "failed")["cause"]
+
+
+async def test_renditions_asked_of_a_worker_without_the_plugin_are_refused_free() -> None:
+    """Found by a probe: with no post-processor to make them, `renditions` and
+    `focal_point` were silently dropped and the request charged as if they were made."""
+    service, ports = with_plugins(LoadedPlugins())
+    for rid, fields in (
+        ("rn-1", {"renditions": ["thumb"]}),
+        ("rn-2", {"focal_point": {"x": 0.5, "y": 0.2}}),
+    ):
+        result = (await service.handle(body(rid, **fields), principal="alice")).result
+        assert (result.status, result.reason) == (Status.REJECTED, "INVALID_REQUEST")
+        field = next(iter(fields))
+        assert result.message == (
+            f"{field}: this worker makes no renditions (the renditions plugin is not enabled)"
+        )
+    assert ports.ledger.quota.reserved == {} and ports.engine.calls == []
+    plain = (await service.handle(body("rn-3"), principal="alice")).result
+    assert plain.status is Status.SUCCEEDED

@@ -158,6 +158,12 @@ def test_versions_live_side_by_side_and_the_newest_is_the_default(tmp_path: Path
         (HERO.replace("max_length = 20", "max_length = 0"), 11, "max_length"),
         (HERO.replace("steps = 6", "stepz = 6"), 8, "stepz"),
         (HERO.replace('"512x512"', '"500x500"'), 6, "multiple of 16"),
+        # Found by a probe: sizes and defaults the template's own requests could not use.
+        (HERO.replace('"512x512"', '"16x16"'), 6, "from 64 to 2048"),
+        (HERO.replace('"512x512"', '"4096x4096"'), 6, "from 64 to 2048"),
+        (HERO.replace('default = "red"', 'default = "green"'), 14, "default 'green': one of"),
+        (HERO.replace('default = "red"', 'default = "r\\u0000d"'), 14, "control characters"),
+        (HERO + "[labels]\n" + "".join(f'k{i} = "v"\n' for i in range(17)), 17, "labels"),
     ],
 )
 def test_a_broken_file_is_refused_naming_the_file_and_line(
@@ -216,3 +222,31 @@ def test_a_missing_directory_means_no_templates_until_it_appears(tmp_path: Path)
     assert len(holder.current()) == 0
     shutil.copytree(catalogue_dir(tmp_path, hero=HERO), tmp_path / "later")
     assert holder.poll() and len(holder.current()) == 1
+
+
+def test_a_directory_named_like_a_template_file_is_refused_naming_it(tmp_path: Path) -> None:
+    """Found by a probe: `x.toml/` raised IsADirectoryError out of the loader (a traceback
+    from `templates validate`, and a reload job that failed on every poll)."""
+    directory = catalogue_dir(tmp_path, hero=HERO)
+    (directory / "x.toml").mkdir()
+    with pytest.raises(CatalogueError, match="cannot be read") as caught:
+        load_catalogue(directory)
+    assert caught.value.file == "x.toml"
+
+
+def test_what_a_template_adds_must_still_fit_the_contract(tmp_path: Path) -> None:
+    """The template's labels on top of the request's: 16 at most in all, refused as
+    INVALID_REQUEST naming the template and the field (not carried past the limit)."""
+    labelled = HERO + "[labels]\n" + "".join(f'k{i} = "v"\n' for i in range(10))
+    catalogue = load_catalogue(catalogue_dir(tmp_path, hero=labelled))
+    sent = {f"r{i}": "v" for i in range(7)}
+    with pytest.raises(InvalidRequestError, match="with template 'hero': labels"):
+        render_request(
+            catalogue,
+            request(template={"id": "hero"}, variables={"product": "teapot"}, labels=sent),
+        )
+    six = {f"r{i}": "v" for i in range(6)}
+    rendered = render_request(
+        catalogue, request(template={"id": "hero"}, variables={"product": "teapot"}, labels=six)
+    )
+    assert len(rendered.labels) == 16

@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from zimage_pipeline.errors import ConfigError
+from zimage_pipeline.invisible import without_ignorables
 from zimage_pipeline.messages import GenerationRequest
 from zimage_pipeline.plugins.api import PromptRefusal, PromptSubject
 
@@ -32,12 +33,13 @@ _WHITESPACE = re.compile(r"\s+")
 
 
 def normalise(text: str) -> str:
-    """The text a rule sees: compatibility forms folded (NFKC), case folded, format
-    characters (Unicode category Cf: zero-width spaces and joiners, soft hyphens, BOMs,
-    bidi controls) removed, whitespace collapsed. NFKC runs again after case folding,
-    which can produce characters NFKC would have composed."""
+    """The text a rule sees: compatibility forms folded (NFKC), case folded, every
+    character that renders as nothing removed (invisible.py: zero-width spaces and
+    joiners, soft hyphens, BOMs, bidi controls, the combining grapheme joiner, variation
+    selectors, Hangul fillers), whitespace collapsed. NFKC runs again after case
+    folding, which can produce characters NFKC would have composed."""
     folded = unicodedata.normalize("NFKC", text).casefold()
-    visible = "".join(ch for ch in folded if unicodedata.category(ch) != "Cf")
+    visible = without_ignorables(folded)
     return _WHITESPACE.sub(" ", unicodedata.normalize("NFKC", visible)).strip()
 
 

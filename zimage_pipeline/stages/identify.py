@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 from zimage_pipeline.adapters import NO_ADAPTERS, AdapterCatalogue
 from zimage_pipeline.admission import check_adapter_use, check_limits, check_template_use
-from zimage_pipeline.errors import PromptRefusedError, ZImageError
+from zimage_pipeline.errors import InvalidRequestError, PromptRefusedError, ZImageError
 from zimage_pipeline.messages import GenerationRequest
 from zimage_pipeline.plugins.api import PromptSubject
 from zimage_pipeline.plugins.registry import LoadedPlugins
@@ -79,6 +79,20 @@ async def _authorize(
     return Identified(outcome, round(time.perf_counter() - started, 6), request)
 
 
+def _check_renditions_can_be_made(request: GenerationRequest, plugins: LoadedPlugins) -> None:
+    """Renditions (and a focal point for their crops) asked of a worker where no
+    post-processor reads a request's options (the renditions plugin, or another with
+    `validate_request`) would silently not be made: a clear refusal instead, free."""
+    if not (request.renditions or request.focal_point):
+        return
+    if any(hasattr(processor, "validate_request") for _, processor in plugins.postprocessors):
+        return
+    field = "renditions" if request.renditions else "focal_point"
+    raise InvalidRequestError(
+        f"{field}: this worker makes no renditions (the renditions plugin is not enabled)"
+    )
+
+
 async def _screen(
     runtime: Runtime,
     plugins: LoadedPlugins,
@@ -107,6 +121,7 @@ async def _screen(
         request = adapters.resolve(request)
         request, inputs = await read_inputs(runtime, source, request, auth.input_grants)
         check_limits(request, auth)
+        _check_renditions_can_be_made(request, plugins)
         for name, processor in plugins.postprocessors:
             validate = getattr(processor, "validate_request", None)
             if validate is not None:

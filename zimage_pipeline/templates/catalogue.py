@@ -92,7 +92,10 @@ def load_catalogue(directory: Path) -> Catalogue:
     stamp = fingerprint(directory)
     entries: dict[str, dict[int, Entry]] = {}
     for name, _, _ in stamp:
-        data = (directory / name).read_bytes()
+        try:
+            data = (directory / name).read_bytes()
+        except OSError as exc:  # a directory named *.toml, unreadable, or just removed
+            raise CatalogueError(name, 0, f"cannot be read: {exc.strerror or exc}") from None
         digest = hashlib.sha256(data).hexdigest()
         for template in _parse(name, data):
             known = entries.setdefault(template.id, {}).get(template.version)

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Annotated, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from zimage_pipeline.messages import (
     MAX_ADAPTERS,
+    MAX_LABELS,
     MAX_PROMPT_CHARS,
+    MAX_RENDITIONS,
+    MAX_SIDE,
+    MIN_SIDE,
     AdapterRef,
     ImageFormat,
     LabelKey,
@@ -24,6 +29,9 @@ SLOT = re.compile(r"\{([a-z][a-z0-9_]*)\}")
 # The slot a request's free prompt fills, when a template has it.
 PROMPT_SLOT = "prompt"
 SIZE = re.compile(r"^([1-9][0-9]*)x([1-9][0-9]*)$")
+# Bidirectional embeddings, overrides and isolates: they can make text read differently
+# from what it says, which no slot value needs.
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 Tag = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]*$")
 ]
@@ -52,7 +60,25 @@ class Slot(_Strict):
                 raise ValueError(f"pattern {self.pattern!r}: {exc}") from None
         if self.allowed and self.pattern is not None:
             raise ValueError("a slot has `allowed` or `pattern`, not both")
+        # A default the slot itself refuses would blame every request that leaves the
+        # slot out for the template's mistake.
+        if self.default is not None and (problem := self.problem_with(self.default)):
+            raise ValueError(f"default {self.default!r}: {problem}")
         return self
+
+    def problem_with(self, value: str) -> str | None:
+        """Why `value` does not fit this slot, or None when it does."""
+        if any(unicodedata.category(c) == "Cc" or c in _BIDI for c in value):
+            return "must not contain control characters"
+        if not value.strip():
+            return "must not be blank"
+        if len(value) > self.max_length:
+            return f"at most {self.max_length} characters"
+        if self.allowed and value not in self.allowed:
+            return f"one of {', '.join(self.allowed)}"
+        if self.pattern is not None and re.fullmatch(self.pattern, value) is None:
+            return f"does not match the slot's pattern {self.pattern!r}"
+        return None
 
 
 class Template(_Strict):
@@ -71,8 +97,8 @@ class Template(_Strict):
     # "fixed": always `fixed_seed`, and a request that sets another is refused.
     seed: str = Field(default="request", pattern=r"^(request|fixed)$")
     fixed_seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    labels: dict[LabelKey, LabelValue] = {}
-    renditions: tuple[RenditionName, ...] = ()
+    labels: dict[LabelKey, LabelValue] = Field(default={}, max_length=MAX_LABELS)
+    renditions: tuple[RenditionName, ...] = Field(default=(), max_length=MAX_RENDITIONS)
     # LoRA style adapters (catalogue names, optional weights) the template fixes: a
     # request naming other adapters is refused.
     adapters: tuple[AdapterRef, ...] = ()
@@ -92,8 +118,12 @@ class Template(_Strict):
             raise ValueError("{prompt} is the request's free prompt; it is not declared")
         for size in self.sizes:
             match = SIZE.match(size)
-            if match is None or int(match[1]) % 16 or int(match[2]) % 16:
-                raise ValueError(f"size {size!r}: WIDTHxHEIGHT, each a multiple of 16")
+            sides = (int(match[1]), int(match[2])) if match else ()
+            if not sides or any(s % 16 or not MIN_SIDE <= s <= MAX_SIDE for s in sides):
+                raise ValueError(
+                    f"size {size!r}: WIDTHxHEIGHT, each a multiple of 16 "
+                    f"from {MIN_SIDE} to {MAX_SIDE}"
+                )
         if len(self.adapters) > MAX_ADAPTERS:
             raise ValueError(f"at most {MAX_ADAPTERS} adapters")
         if (self.seed == "fixed") != (self.fixed_seed is not None):

@@ -7,18 +7,15 @@ the slot or field."""
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from typing import Any
 
+from pydantic import ValidationError
+
+from zimage_pipeline.decoding import describe_validation_error
 from zimage_pipeline.errors import InvalidRequestError
 from zimage_pipeline.messages import MAX_PROMPT_CHARS, GenerationRequest, TemplateRef
 from zimage_pipeline.templates.catalogue import Catalogue, Entry
 from zimage_pipeline.templates.model import PROMPT_SLOT, SLOT, Slot, Template
-
-# Bidirectional embeddings, overrides and isolates: they can make text read differently
-# from what it says, which no slot value needs.
-_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def render_request(catalogue: Catalogue, request: GenerationRequest) -> GenerationRequest:
@@ -63,7 +60,20 @@ def apply(entry: Entry, request: GenerationRequest) -> GenerationRequest:
         update["adapters"] = list(template.adapters)
     update["variables"] = {k: v for k, v in values.items() if k != PROMPT_SLOT}
     update["template"] = TemplateRef(id=template.id, version=template.version, sha256=entry.sha256)
-    return request.model_copy(update=update)
+    return _checked(template, request.model_copy(update=update))
+
+
+def _checked(template: Template, rendered: GenerationRequest) -> GenerationRequest:
+    """The rendered request through the contract's own checks again: what the template
+    adds to what the request sent (labels, renditions) must still fit its limits."""
+    try:
+        return GenerationRequest.model_validate_json(
+            rendered.model_dump_json(by_alias=True, exclude_none=True)
+        )
+    except ValidationError as exc:
+        raise InvalidRequestError(
+            f"with template {template.id!r}: {describe_validation_error(exc)}"
+        ) from None
 
 
 def slot_values(template: Template, variables: dict[str, str]) -> dict[str, str]:
@@ -83,17 +93,9 @@ def slot_values(template: Template, variables: dict[str, str]) -> dict[str, str]
 
 
 def check_value(name: str, slot: Slot, value: str) -> str:
-    where = f"variables.{name}"
-    if any(unicodedata.category(c) == "Cc" or c in _BIDI for c in value):
-        raise InvalidRequestError(f"{where}: must not contain control characters")
-    if not value.strip():
-        raise InvalidRequestError(f"{where}: must not be blank")
-    if len(value) > slot.max_length:
-        raise InvalidRequestError(f"{where}: at most {slot.max_length} characters")
-    if slot.allowed and value not in slot.allowed:
-        raise InvalidRequestError(f"{where}: one of {', '.join(slot.allowed)}")
-    if slot.pattern is not None and re.fullmatch(slot.pattern, value) is None:
-        raise InvalidRequestError(f"{where}: does not match the slot's pattern {slot.pattern!r}")
+    problem = slot.problem_with(value)
+    if problem is not None:
+        raise InvalidRequestError(f"variables.{name}: {problem}")
     return value
 
 

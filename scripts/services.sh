@@ -82,11 +82,22 @@ rabbitmq_tuning() {
 # published a request. Clients may only publish requests, cancels and read results.
 AMQP_WORKER=zimage-worker
 AMQP_CLIENTS=(alice bob carol dave jurgen cms-publisher pim-sync)
-CLIENT_QUEUES='amq\.gen-.*|amq_.*'  # server-named and aio-pika client-named reply queues
 PERMS_WORKER=('^zimage\..*' '^zimage\..*' '^zimage\..*')
+# The queues a client may declare, bind, read and delete: randomly named ones (the
+# server's amq.gen-*, aio-pika's amq_<uuid4 hex>: 122 random bits, and exclusive ones
+# belong to their connection) and named ones under its own account, `<account>.<name>`
+# (a CMS's durable `cms-publisher.results`). Never another account's: with one shared
+# pattern, bob could read or delete alice's durable results queue by its name. RabbitMQ
+# expands no {username} in these, so each account gets its own.
+client_queues() {
+    printf 'amq\\.gen-.*|amq_[0-9a-f]{32}|%s\\..*' "$(sed 's/[][\\.^$*+?(){}|]/\\&/g' <<<"$1")"
+}
 # zimage[.<namespace>].requests: a deployment (or a test) may namespace its names.
-PERMS_CLIENT=("^($CLIENT_QUEUES)\$" "^(zimage(\.[a-z0-9]+)?\.requests|$CLIENT_QUEUES)\$"
-              "^(zimage(\.[a-z0-9]+)?\.results|$CLIENT_QUEUES)\$")
+perms_client() {
+    local queues; queues="$(client_queues "$1")"
+    printf '%s\n' "^($queues)\$" "^(zimage(\\.[a-z0-9]+)?\\.requests|$queues)\$" \
+        "^(zimage(\\.[a-z0-9]+)?\\.results|$queues)\$"
+}
 # Topic permissions on the results exchange: a client may bind only the routing keys of
 # its own results and cancel answers (result|cancel.<its account>.#): no tenant reads
 # another's. RabbitMQ expands {username}. They apply to the exchange named here (exactly).
@@ -95,7 +106,7 @@ TOPIC_PERMS_CLIENT=('^$' '^(result|cancel)\.{username}\.')
 rabbitmq_accounts() {
     local existing; existing="$(rabbitmqctl -q list_users 2>/dev/null | awk '{print $1}')"
     local stamp="$LOCAL/rabbitmq-permissions"
-    local want; want="$(printf '%s\n' "${PERMS_WORKER[@]}" "${PERMS_CLIENT[@]}" \
+    local want; want="$(printf '%s\n' "${PERMS_WORKER[@]}" "$(perms_client '{user}')" \
         "$RESULTS_EXCHANGE" "${TOPIC_PERMS_CLIENT[@]}" | sha256sum | cut -c1-16)"
     local perms_changed=0; [[ "$(cat "$stamp" 2>/dev/null)" == "$want" ]] || perms_changed=1
     local user
@@ -114,7 +125,8 @@ rabbitmq_accounts() {
             if [[ "$user" == "$AMQP_WORKER" ]]; then
                 rabbitmqctl -q set_permissions -p / "$user" "${PERMS_WORKER[@]}" >/dev/null
             else
-                rabbitmqctl -q set_permissions -p / "$user" "${PERMS_CLIENT[@]}" >/dev/null
+                local perms; mapfile -t perms < <(perms_client "$user")
+                rabbitmqctl -q set_permissions -p / "$user" "${perms[@]}" >/dev/null
                 rabbitmqctl -q set_topic_permissions -p / "$user" "$RESULTS_EXCHANGE" \
                     "${TOPIC_PERMS_CLIENT[@]}" >/dev/null
             fi

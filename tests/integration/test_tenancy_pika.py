@@ -159,3 +159,51 @@ async def test_pika_publisher_gets_its_answer_and_a_refusal_names_the_field(
     assert [r["status"] for r in answered] == ["succeeded"]
     assert [(r["status"], r["reason"]) for r in refused] == [("rejected", "INVALID_REQUEST")]
     assert "width" in refused[0]["message"]
+
+
+def queue_refused(user: str, settings: Settings, action: str, queue: str) -> bool:
+    """Whether the broker refuses `user` (403) to `action` the queue named `queue`."""
+    with pika_channel(settings, user) as channel:
+        try:
+            if action == "get":
+                channel.basic_get(queue, auto_ack=True)
+            elif action == "peek":
+                channel.queue_declare(queue, passive=True)
+            elif action == "declare":
+                channel.queue_declare(queue, durable=True)
+            elif action == "delete":
+                channel.queue_delete(queue)
+            else:
+                raise AssertionError(action)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            assert exc.reply_code == 403, exc  # ACCESS_REFUSED
+            return True
+        return False
+
+
+async def test_a_tenants_durable_results_queue_is_its_own(settings: Settings) -> None:
+    """A CMS keeps its results in a durable queue named under its account
+    (`<account>.<name>`). Found by a probe: every client could read, inspect and delete
+    any other client's named queue (one shared `amq_.*` pattern), i.e. read another
+    tenant's results by the queue's name. Now the broker refuses all of it."""
+    mine = f"alice.results-{uuid.uuid4().hex[:8]}"
+    async with running_worker(settings, make_ports()):  # declares the results exchange
+        with pika_channel(settings, "alice") as alice:
+            alice.queue_declare(mine, durable=True)
+            alice.queue_bind(mine, SHARED_RESULTS, routing_key="result.alice.#")
+            try:
+                # (A passive declare needs no permission in RabbitMQ: it tells whoever
+                # knows a name that the queue exists and how many messages it holds,
+                # never their contents.)
+                for action in ("get", "delete"):
+                    assert await asyncio.to_thread(queue_refused, "bob", settings, action, mine)
+                assert await asyncio.to_thread(
+                    queue_refused, "bob", settings, "declare", "alice.squatted"
+                )
+                assert not await asyncio.to_thread(queue_refused, "alice", settings, "peek", mine)
+            finally:
+                alice.queue_delete(mine)
+        # bob's own named queues work as alice's do.
+        bobs = f"bob.results-{uuid.uuid4().hex[:8]}"
+        assert not await asyncio.to_thread(queue_refused, "bob", settings, "declare", bobs)
+        assert not await asyncio.to_thread(queue_refused, "bob", settings, "delete", bobs)

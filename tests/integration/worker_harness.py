@@ -124,7 +124,8 @@ async def client(
     )
     channel = await connection.channel()
     if durable_tap:
-        queue = await channel.declare_queue(f"amq_tap_{uuid.uuid4().hex}", durable=True)
+        # Named under the account: the only named queues its permissions allow.
+        queue = await channel.declare_queue(f"{user}.tap-{uuid.uuid4().hex}", durable=True)
     else:
         queue = await channel.declare_queue(exclusive=True)
     exchange = await channel.get_exchange(settings.broker.results_exchange, ensure=False)

@@ -207,6 +207,32 @@ async def test_heartbeats_survive_a_long_generation(settings: Settings) -> None:
     assert connections == 1  # never dropped, never reconnected
 
 
+async def test_a_deleted_queue_is_declared_again_and_consumed(settings: Settings) -> None:
+    """Found by a probe: deleting a request queue under a running worker made the broker
+    cancel its consumer, and the worker went on saying ready while consuming nothing.
+    Now a broker-side cancel is handled like a lost connection: not ready, reconnect,
+    the topology declared again, consuming again; a request on that queue is served."""
+    bulk = f"{settings.broker.requests_queue}.bulk"
+    ports = make_ports()
+    async with running_worker(settings, ports) as running, client(settings, "bob") as bob:
+        assert running.worker.ready and running.worker.connections_opened == 1
+        admin = await connect_robust(settings.broker, name="test-admin")
+        async with admin:
+            channel = await admin.channel()
+            await channel.queue_delete(bulk)
+            for _ in range(200):  # 20 s
+                if running.worker.connections_opened == 2 and running.worker.ready:
+                    break
+                await asyncio.sleep(0.1)
+            assert running.worker.connections_opened == 2  # it noticed and reconnected
+            assert running.worker.ready
+            again = await channel.declare_queue(bulk, passive=True)
+            assert again.declaration_result.consumer_count == 1
+        await bob.publish(request("after-delete-1", on_behalf_of="bob"), priority="bulk")
+        result = await bob.next_result(wait_s=30)
+    assert (result["request_id"], result["status"]) == ("after-delete-1", "succeeded")
+
+
 async def test_interactive_overtakes_bulk(settings: Settings) -> None:
     s = private_settings(concurrency=1, max_buffered_per_principal=50)
     try:

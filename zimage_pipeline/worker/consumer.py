@@ -165,8 +165,16 @@ class Worker:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def _open(self, connection: AbstractConnection) -> None:
+    async def _open(self, connection: AbstractConnection, lost: asyncio.Event) -> None:
         consume_channel = await connection.channel()
+        # The broker cancels a consumer whose queue went away (deleted by an operator or
+        # a policy): consuming nothing while saying ready is the failure to avoid. Treat
+        # it as a lost connection: not ready, reconnect, declare the topology again and
+        # consume again; the deliveries this connection held go back to their queues.
+        underlay = await consume_channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(
+            lambda frame: self._consumer_cancelled(frame.consumer_tag, lost)
+        )
         await consume_channel.set_qos(prefetch_count=self._settings.prefetch)
         self._topology = await declare_topology(consume_channel, self._broker, self._settings)
         # Publishing on its own channel, with confirms: a result is "sent" only when the
@@ -204,7 +212,7 @@ class Worker:
             lost = asyncio.Event()
             connection.close_callbacks.add(lambda *_args, lost=lost: lost.set())
             try:
-                await self._open(connection)
+                await self._open(connection, lost)
             except Exception as exc:
                 log.warning("could not set up consuming, reconnecting: %s", exc)
                 with suppress(Exception):
@@ -215,6 +223,11 @@ class Worker:
             self._consuming = True
             await _wait_any(stop, self._halt, lost)
             self._consuming = False
+            if lost.is_set() and not connection.is_closed:
+                # A consumer the broker cancelled: this connection is given up like a
+                # lost one, so what it held goes back to the queues.
+                with suppress(Exception):
+                    await connection.close()
             if lost.is_set() and not stop.is_set():
                 # Buffered deliveries belong to the dead channel: they cannot be acked
                 # and the broker has already put them back in their queues.
@@ -233,6 +246,17 @@ class Worker:
             with suppress(Exception):
                 await self._connection.close()
         return EXIT_FATAL if self.fatal is not None else 0
+
+    def _consumer_cancelled(self, consumer_tag: str | None, lost: asyncio.Event) -> None:
+        if self._stopping:
+            return
+        log.error(
+            "the broker cancelled consumer %s (its queue was deleted?); "
+            "not ready, reconnecting to declare the queues again",
+            consumer_tag,
+        )
+        self._consuming = False
+        lost.set()
 
     async def shutdown(self) -> None:
         """Stop consuming, give in-flight work the grace period, requeue the rest."""

@@ -149,6 +149,46 @@ async def test_invalid_messages_are_rejected_dead_lettered_and_the_queue_flows(
     assert {m.body for m in dead} == set(bad_bodies)
 
 
+async def test_a_deferred_junk_message_is_dead_lettered_under_its_publisher() -> None:
+    """Found by a probe: a message the worker deferred (its publisher had its share
+    buffered) and then refused reached the DLQ blamed on the worker's own account, with
+    the retry path's bookkeeping headers and without its correlation_id."""
+    s = private_settings(concurrency=1, max_buffered_per_principal=1, prefetch=8)
+    count = 12
+    try:
+        async with running_worker(s, make_ports()), client(s, "bob") as bob:
+            exchange = await bob.channel.get_exchange(s.broker.requests_exchange, ensure=False)
+            for i in range(count):
+                await exchange.publish(
+                    aio_pika.Message(
+                        f"junk-{i}".encode(), user_id="bob", correlation_id=f"corr-{i}"
+                    ),
+                    routing_key="standard",
+                )
+            results = await bob.results_for(count)
+        assert sorted(r["correlation_id"] for r in results) == sorted(
+            f"corr-{i}" for i in range(count)
+        )
+        connection = await connect_robust(s.broker, name="test-dlq-reader")
+        async with connection:
+            channel = await connection.channel()
+            dlq = await channel.declare_queue(f"{s.broker.requests_queue}.dlq", passive=True)
+            dead: list[aio_pika.abc.AbstractIncomingMessage] = []
+            while (message := await dlq.get(fail=False, no_ack=True)) is not None:
+                dead.append(message)
+        assert len(dead) == count
+        deferred = [m for m in dead if "x-zimage-attempt" in (m.headers or {})]
+        assert deferred, "no message was deferred: the case did not happen"
+        for message in dead:
+            headers = message.headers or {}
+            assert headers["x-zimage-original-user-id"] == "bob"
+            assert message.correlation_id == f"corr-{message.body.decode().split('-')[1]}"
+            internal = {"x-zimage-principal", "x-zimage-copy-id", "x-zimage-last-reason"}
+            assert not internal & set(headers), headers
+    finally:
+        await delete_private_topology(s)
+
+
 async def test_spoofed_user_id_is_refused_by_the_broker(settings: Settings) -> None:
     async with running_worker(settings, make_ports()), client(settings, "alice") as alice:
         with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed):

@@ -37,6 +37,7 @@ from zimage_pipeline.settings import BrokerSettings, WorkerSettings
 from zimage_pipeline.worker.scheduler import FairScheduler
 from zimage_pipeline.worker.topology import (
     DELAY_HEADER,
+    LEGACY_DELAY_HEADER,
     Topology,
     cancel_routing_key,
     declare_topology,
@@ -52,6 +53,19 @@ PRINCIPAL_HEADER = "x-zimage-principal"
 # exactly once, and after the delay it asked for.
 COPY_ID_HEADER = "x-zimage-copy-id"
 REPUBLISHED_AT_HEADER = "x-zimage-republished-at-ms"
+LAST_REASON_HEADER = "x-zimage-last-reason"
+# What the retry path adds to a copy for its own bookkeeping (the attempt count stays:
+# it tells an operator how often the message was tried).
+RETRY_PATH_HEADERS = frozenset(
+    {
+        PRINCIPAL_HEADER,
+        COPY_ID_HEADER,
+        REPUBLISHED_AT_HEADER,
+        LAST_REASON_HEADER,
+        DELAY_HEADER,
+        LEGACY_DELAY_HEADER,
+    }
+)
 DEFER_DELAY_S = 1
 EXIT_FATAL = 70
 CANCEL_MESSAGES = {
@@ -543,17 +557,26 @@ class Worker:
     async def _dead_letter(
         self, message: AbstractIncomingMessage, *, reason: str, error: str
     ) -> None:
+        # The publisher, also of a copy this worker deferred or retried under its own
+        # account (it carries the publisher in a header only that account may set), and
+        # none of the retry path's own headers: an operator reads the message as sent.
+        headers = {
+            key: value
+            for key, value in (message.headers or {}).items()
+            if key not in RETRY_PATH_HEADERS
+        }
         copy = aio_pika.Message(
             message.body,
             content_type=message.content_type,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message.message_id,
+            correlation_id=message.correlation_id,
             headers={
-                **(message.headers or {}),
+                **headers,
                 "x-zimage-reason": reason,
                 "x-zimage-error": error[:1000],
                 "x-zimage-original-routing-key": message.routing_key or "",
-                "x-zimage-original-user-id": message.user_id or "",
+                "x-zimage-original-user-id": self._principal_of(message) or "",
             },
         )
         exchange = await self._publish_exchange(self._require_topology().dead_letter.name)
@@ -573,6 +596,7 @@ class Worker:
             content_type=message.content_type,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=message.message_id,
+            correlation_id=message.correlation_id,  # the publisher matches answers by it
             user_id=self._broker.username,
             headers={
                 **(message.headers or {}),
@@ -581,7 +605,7 @@ class Worker:
                 REPUBLISHED_AT_HEADER: int(time.time() * 1000),
                 ATTEMPT_HEADER: attempt,
                 PRINCIPAL_HEADER: delivery.principal or "",
-                "x-zimage-last-reason": reason,
+                LAST_REASON_HEADER: reason,
             },
         )
         exchange = await self._publish_exchange(self._require_topology().retry.name)

@@ -64,8 +64,16 @@ DESCRIPTIONS: dict[Reason, tuple[str, bool, str]] = {
         False,
         "`on_behalf_of` another user without a role that has `delegate = true`",
     ),
-    Reason.NOT_AUTHORIZED: ("rejected", False, "no role allows generating, or this priority"),
-    Reason.POLICY_VIOLATION: ("rejected", False, "over a role limit: size, steps, images, format"),
+    Reason.NOT_AUTHORIZED: (
+        "rejected",
+        False,
+        "no role allows generating, or this template, free prompts, adapter or input",
+    ),
+    Reason.POLICY_VIOLATION: (
+        "rejected",
+        False,
+        "over a role limit: size, steps, images, format, priority",
+    ),
     Reason.QUOTA_EXCEEDED: ("rejected", False, "the user's or a team's budget is spent"),
     Reason.PROMPT_REFUSED: (
         "rejected",

@@ -448,6 +448,10 @@ class WorkerSettings(_Section):
     # its workers: the redelivery finds the job busy and comes back as a new message.
     max_job_attempts: int = Field(default=8, ge=1)
     job_busy_s: float = Field(default=30.0, ge=0)
+    # A cancel that arrives before its request waits for it in the ledger this long;
+    # then its row is deleted (a request arriving later runs). Without a bound, cancels
+    # of ids nobody ever uses would grow the ledger forever.
+    cancel_wait_days: int = Field(default=7, ge=1)
     max_body_bytes: int = Field(default=65536, ge=1024)
     shutdown_grace_s: float = Field(default=60.0, ge=0)
     # The time limit of one generation (one request's images, one GPU call):

@@ -143,3 +143,34 @@ def test_cancel_only_before_running_and_only_by_its_parties(store: JobStore) -> 
     store.mark("req-2", "running")
     assert not store.cancel("req-2", principal="cms")
     assert not store.cancel("unknown", principal="cms")
+
+
+def test_cancels_whose_request_never_came_are_forgotten_after_their_wait(
+    store: JobStore,
+) -> None:
+    """Found by a probe: a cancel of an id nobody uses left a row forever, so any client
+    could grow the ledger without bound. The housekeeping job deletes such rows after
+    `worker.cancel_wait_days`; an adopted cancel (its request came) and jobs stay."""
+    from datetime import timedelta
+
+    from zimage_pipeline.ledger.txn import utcnow
+    from zimage_pipeline.wiring.jobs import TOMBSTONE, LedgerJobs
+
+    jobs = LedgerJobs(store, busy_s=0.0)
+    for rid in ("ghost-1", "ghost-2", "came-1"):
+        jobs.cancel(rid, principal="bob")
+    assert jobs.begin(
+        request_id="came-1",
+        payload_sha256=DIGEST,
+        principal="bob",
+        on_behalf_of="bob",
+        worker_id="w1",
+    ).cancelled_on_arrival
+    assert jobs.adopt_cancelled(
+        "came-1", payload_sha256=DIGEST, on_behalf_of="bob", result={"status": "cancelled"}
+    )
+    begin(store)  # an ordinary job, req-1
+    assert store.forget_cancels_older_than(TOMBSTONE, utcnow() - timedelta(days=7)) == 0
+    assert store.forget_cancels_older_than(TOMBSTONE, utcnow() + timedelta(seconds=1)) == 2
+    assert store.get("ghost-1") is None and store.get("ghost-2") is None
+    assert store.get("came-1") is not None and store.get("req-1") is not None

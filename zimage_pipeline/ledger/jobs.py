@@ -342,6 +342,17 @@ class JobStore:
 
         return run_write(self._engine, work)
 
+    def forget_cancels_older_than(self, tombstone: str, older_than: datetime) -> int:
+        """Delete the rows of cancels (payload digest `tombstone`) whose request never
+        came, made before `older_than`; the number deleted. An adopted row has the
+        request's digest by then and stays."""
+        statement = (
+            delete(JOBS)
+            .where(JOBS.c.payload_sha256 == tombstone)
+            .where(JOBS.c.created_at < older_than)
+        )
+        return run_write(self._engine, lambda c: int(c.execute(statement).rowcount))
+
     def adopt_cancelled(
         self,
         request_id: str,

@@ -82,7 +82,7 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
     from zimage_pipeline.storage import ObjectStore
     from zimage_pipeline.wiring.discards import DiscardSweeper
     from zimage_pipeline.wiring.identity import DirectoryAuthorizer
-    from zimage_pipeline.wiring.jobs import LedgerJobs
+    from zimage_pipeline.wiring.jobs import TOMBSTONE, LedgerJobs
     from zimage_pipeline.wiring.ledger import LedgerUnits
     from zimage_pipeline.wiring.outputs import EngineAdapter, ProvenanceEncoder, S3Store
     from zimage_pipeline.wiring.sinks import OutboxDispatcher
@@ -178,6 +178,13 @@ def build(settings: Settings, *, warmup: bool = True) -> Wiring:
             PeriodicJob("discard_sweep", HOUSEKEEPING_EVERY_S, sweeper.sweep),
             # maybe_anchor writes only every audit.anchor_interval_s; asked more often.
             PeriodicJob("anchor_audit_chain", HOUSEKEEPING_EVERY_S, anchorer.maybe_anchor),
+            PeriodicJob(
+                "forget_unanswered_cancels",
+                3600.0,
+                lambda: job_store.forget_cancels_older_than(
+                    TOMBSTONE, utcnow() - timedelta(days=settings.worker.cancel_wait_days)
+                ),
+            ),
             *sink_jobs,
         ],
         closers=[*closers, directory.close, ledger.dispose],

@@ -71,7 +71,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.jobs = Counter(
             "zimage_jobs",
-            "Requests answered, by terminal status and reason.",
+            "Requests ended, by terminal status and reason (an answer republished for a "
+            "duplicate or a redelivery is not counted again).",
             ["status", "reason"],
             registry=self.registry,
         )

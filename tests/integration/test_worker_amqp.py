@@ -104,6 +104,23 @@ async def test_duplicate_is_answered_again_without_generating_twice(settings: Se
     assert (conflict["request_id"], conflict["claimed_request_id"]) == ("", "dup-1")
 
 
+async def test_a_republished_answer_is_not_counted_as_another_job(settings: Settings) -> None:
+    """Found by a probe: zimage_jobs_total counted every answer, so duplicates inflated
+    the succeeded count (and the phase timings) that dashboards and alerts read."""
+    from prometheus_client import generate_latest
+
+    async with (
+        running_worker(settings, make_ports()) as running,
+        client(settings, "alice") as alice,
+    ):
+        for _ in range(3):
+            await alice.publish(request("counted-1"))
+            assert (await alice.next_result())["status"] == "succeeded"
+        exposed = generate_latest(running.worker._metrics.registry).decode()
+    assert 'zimage_jobs_total{reason="",status="succeeded"} 1.0' in exposed
+    assert "zimage_images_total 1.0" in exposed
+
+
 async def test_invalid_messages_are_rejected_dead_lettered_and_the_queue_flows(
     settings: Settings,
 ) -> None:

@@ -474,10 +474,10 @@ class Worker:
                 result, ledger_key=outcome.ledger_key, publisher=delivery.principal
             ):
                 self.sinks_pending.set()
-            self._metrics.jobs.labels(result.status.value, result.reason or "").inc()
-            for phase, seconds in result.timings_s.items():
-                self._metrics.phase_seconds.labels(phase).observe(seconds)
-            if not outcome.republished:
+            if not outcome.republished:  # a duplicate's stored answer was counted once
+                self._metrics.jobs.labels(result.status.value, result.reason or "").inc()
+                for phase, seconds in result.timings_s.items():
+                    self._metrics.phase_seconds.labels(phase).observe(seconds)
                 self._metrics.images.inc(len(result.images))
             log.info(
                 "answered %s%s",

@@ -27,6 +27,9 @@ _STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"?|([\[\]{}])')
 _M = TypeVar("_M", bound=BaseModel)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _field_path(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(body)"
 
@@ -80,7 +83,31 @@ def _parse_object(body: bytes, *, max_bytes: int) -> dict[str, Any]:
         raise InvalidRequestError(f"body: not valid JSON ({exc})") from exc
     if not isinstance(document, dict):
         raise InvalidRequestError(f"body: expected a JSON object, got {type(document).__name__}")
+    where = _lone_surrogate(document, ())
+    if where is not None:
+        # JSON allows "\ud800" escapes that encode no character; the model's parser
+        # would refuse them with a message about hex escapes that names no field.
+        raise InvalidRequestError(f"{_field_path(where)}: a lone surrogate escape is not text")
     return document
+
+
+def _lone_surrogate(value: Any, path: tuple[int | str, ...]) -> tuple[int | str, ...] | None:
+    """The path of the first key or string holding a UTF-16 surrogate, or None."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    items: list[tuple[int | str, Any]] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _SURROGATE.search(key):
+                return (*path, key.encode("utf-8", "backslashreplace").decode())
+            items.append((key, item))
+    elif isinstance(value, list):
+        items = list(enumerate(value))
+    for key, item in items:
+        found = _lone_surrogate(item, (*path, key))
+        if found is not None:
+            return found
+    return None
 
 
 def read_json_object(

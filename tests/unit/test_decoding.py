@@ -110,6 +110,15 @@ def test_full_request_round_trips() -> None:
             b'{"request_id":"a","on_behalf_of":"x","prompt":"p","seed":' + b"9" * 4400 + b"}",
             "an integer of 4400 digits; at most 20",
         ),
+        # JSON's "\ud800" escapes encode no character: refused naming the field.
+        (
+            b'{"request_id":"a","on_behalf_of":"x","prompt":"tea\\ud800pot"}',
+            "prompt: a lone surrogate escape is not text",
+        ),
+        (
+            b'{"request_id":"a","on_behalf_of":"x","prompt":"p","labels":{"k":"\\ude00"}}',
+            "labels.k: a lone surrogate escape is not text",
+        ),
         (
             body(
                 task="image_to_image",
@@ -277,3 +286,8 @@ def test_a_request_serialized_with_its_defaults_decodes_again(exclude_none: bool
     request = decode_request(body())
     sent = request.model_dump_json(by_alias=True, exclude_none=exclude_none).encode()
     assert decode_request(sent) == request
+
+
+def test_an_escaped_surrogate_pair_is_one_character_and_decodes() -> None:
+    raw = b'{"request_id":"a","on_behalf_of":"x","prompt":"\\ud83d\\ude00 a fox"}'
+    assert decode_request(raw).prompt == "\U0001f600 a fox"

@@ -137,6 +137,27 @@ def test_a_version_the_store_does_not_have_is_invalid_naming_the_field(
     )
 
 
+def test_a_version_pinned_in_an_unversioned_bucket_is_not_found(
+    store: ObjectStore, prefix: str
+) -> None:
+    """Found by a probe: a store without versioning ignores the VersionId and returns the
+    current object, and the request ran (and its trail named a version never read). The
+    version the store answers with must be the one asked for."""
+    key = f"{prefix}/in/packshot.png"
+    put(store, key, png(RED))
+    ref = ImageRef(
+        bucket=store.settings.bucket, key=key, version_id="3jfkdls93jfk", sha256=sha(png(RED))
+    )
+    grants = [parse_grant(f"{store.settings.bucket}/{prefix}/in/")]
+    with pytest.raises(InvalidRequestError) as refused:
+        read_input(store, ref, grants=grants, limits=LIMITS, what="init_image")
+    assert str(refused.value).startswith(
+        f"init_image: {ref.uri()} (version 3jfkdls93jfk) not found"
+    )
+    unpinned = ImageRef(bucket=store.settings.bucket, key=key, sha256=sha(png(RED)))
+    assert read_input(store, unpinned, grants=grants, limits=LIMITS, what="init_image").width
+
+
 def test_an_object_over_max_bytes_is_refused_without_reading_its_body(
     store: ObjectStore, counted: tuple[ObjectStore, CountingClient], prefix: str
 ) -> None:

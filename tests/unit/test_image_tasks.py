@@ -100,6 +100,28 @@ async def test_an_input_outside_the_grant_is_not_authorized_and_never_read() -> 
     assert read == [] and not ports.engine.calls and not ports.ledger.quota.committed
 
 
+async def test_every_reference_is_judged_before_any_is_read() -> None:
+    """Found by a probe: an inpaint whose init image had a wrong checksum and whose mask
+    was outside the grants was answered about the checksum (the init image was read
+    first); the mask's refusal came only after the client fixed that."""
+    service, ports, objects = setup()
+    image = {**stored(objects, "cms/a.png", png((64, 64))), "sha256": "0" * 64}
+    mask = stored(objects, "pim/a-mask.png", png((64, 64), "L", 255))
+    read: list[str] = []
+    original = objects.get_object
+
+    def spying(key: str, **kwargs: Any) -> bytes:
+        read.append(key)
+        return original(key, **kwargs)
+
+    objects.get_object = spying  # type: ignore[method-assign]
+    request = body("i4", task="inpaint", init_image=image, mask_image=mask)
+    result = (await service.handle(request, principal="alice")).result
+    assert (result.status, result.reason) == (Status.REJECTED, "NOT_AUTHORIZED")
+    assert result.message is not None and result.message.startswith("mask_image: ")
+    assert read == [] and not ports.ledger.quota.committed
+
+
 async def test_hostile_inputs_are_invalid_naming_the_problem_and_cost_nothing() -> None:
     service, ports, objects = setup()
     good = stored(objects, "cms/good.png", png((64, 64)))

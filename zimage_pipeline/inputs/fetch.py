@@ -25,12 +25,7 @@ def read_input(
     limits: InputLimits,
     what: str,
 ) -> DecodedImage:
-    checked_ref(ref, what)
-    if not is_allowed(ref, grants):
-        raise RequestRejectedError(
-            f"{what}: {ref.uri()} is outside the places your requests may read from",
-            reason="NOT_AUTHORIZED",
-        )
+    check_readable(ref, grants=grants, what=what)
     try:
         data = objects.get_object(
             ref.key, bucket=ref.bucket, version_id=ref.version_id, max_bytes=limits.max_bytes
@@ -52,6 +47,16 @@ def read_input(
             f"{ref.sha256[:12]}... the request states"
         )
     return load_image(data, limits=limits, what=what, mask=what == "mask_image")
+
+
+def check_readable(ref: ImageRef, *, grants: Iterable[InputGrant], what: str) -> None:
+    """The reference well formed and inside the publisher's grants, or the refusal."""
+    checked_ref(ref, what)
+    if not is_allowed(ref, grants):
+        raise RequestRejectedError(
+            f"{what}: {ref.uri()} is outside the places your requests may read from",
+            reason="NOT_AUTHORIZED",
+        )
 
 
 def checked_ref(ref: ImageRef, what: str) -> None:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from zimage_pipeline.errors import RequestRejectedError
 from zimage_pipeline.inputs.decode import DecodedImage, InputLimits, check_mask_matches
-from zimage_pipeline.inputs.fetch import read_input
+from zimage_pipeline.inputs.fetch import check_readable, read_input
 from zimage_pipeline.inputs.model import InputGrant
 from zimage_pipeline.messages import GenerationRequest, ImageRef, Task
 from zimage_pipeline.ports import InputImage, Objects
@@ -46,6 +46,10 @@ async def read_inputs(
     refs = [("init_image", request.init_image)]
     if request.mask_image is not None:
         refs.append(("mask_image", request.mask_image))
+    # Every reference judged before any is read: a mask outside the grants is refused
+    # NOT_AUTHORIZED whatever is wrong with the init image, and nothing is read.
+    for what, ref in refs:
+        check_readable(ref, grants=grants, what=what)
     read = {
         what: await runtime.io(
             read_input, source.objects, ref, grants=grants, limits=source.limits, what=what

@@ -208,6 +208,15 @@ class ObjectStore:
                     raise ObjectNotFoundError(f"s3://{bucket}/{key}{version} not found") from None
                 raise
             body = response["Body"]
+            if version_id is not None and response.get("VersionId") != version_id:
+                # A store that keeps no versions (an unversioned bucket) ignores the
+                # VersionId it is given and returns the current object: what was asked
+                # for was not read, and the trail must not say it was.
+                body.close()
+                raise ObjectNotFoundError(
+                    f"s3://{bucket}/{key} (version {version_id}) not found: the store "
+                    f"returned {_version_shown(response.get('VersionId'))}"
+                )
             declared = response.get("ContentLength")
             try:
                 if max_bytes is not None and declared is not None and declared > max_bytes:
@@ -322,6 +331,12 @@ class ObjectStore:
                     tries = f"after {attempt} attempt{'s' if attempt > 1 else ''}"
                     raise StorageFailedError(f"{what}: {wire.describe(exc)} {tries}") from exc
                 self._sleep(delay)
+
+
+def _version_shown(version: object) -> str:
+    if not version or version == "null":
+        return "an unversioned object (is the bucket versioned?)"
+    return f"version {version}"
 
 
 def _is_missing(exc: ClientError, *, version_id: str | None) -> bool:

@@ -258,6 +258,7 @@ def export(
             anchors=_anchorer(settings, engine).anchors(),
             signed_off_by=signed_off_by,
             signing_key_file=settings.audit.export_signing_key_file,
+            chain_id=settings.audit.chain_id,
         )
     except ZImageError as exc:
         raise _fail(exc) from None
@@ -268,6 +269,8 @@ def export(
         f"exported {events['count']} events (seq {events['first_seq']}..{events['last_seq']}) "
         f"to {directory}; chain verified: {manifest['chain_verified']}"
     )
+    if manifest["ledger_problem"]:
+        typer.echo(f"BROKEN: {manifest['ledger_problem']} (audit verify says more)", err=True)
     if not manifest["chain_verified"]:
         raise typer.Exit(EXIT_BROKEN)
 

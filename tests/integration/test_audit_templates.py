@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from sqlalchemy import Engine, select
 from typer.testing import CliRunner
 
 from zimage_pipeline.audit import AuditFilter, AuditLog, export_bundle, query_requests
+from zimage_pipeline.audit.errors import ExportError
 from zimage_pipeline.cli import app
 from zimage_pipeline.ledger import migrate
 from zimage_pipeline.ledger.db import create_ledger_engine
@@ -303,3 +304,39 @@ def test_export_carries_the_template_of_each_request(ledger: Engine, tmp_path: P
         "req-4": {"id": "banner-3x1", "version": 1},
         "req-5": {"id": "hero-on-white", "version": 2},
     }
+
+
+def test_an_export_of_a_broken_ledger_never_says_verified(ledger: Engine, tmp_path: Path) -> None:
+    """Found by a probe: the export checked only the links inside its range, so a ledger
+    whose retained prompt (or an event outside the range) was rewritten exported as
+    "chain verified". The export now carries the whole ledger's verdict."""
+    from sqlalchemy import update
+
+    from zimage_pipeline.ledger.models import AuditEventRow
+
+    whole = (T0, T0 + timedelta(days=1))
+    clean = export_bundle(ledger, tmp_path / "clean", since=whole[0], until=whole[1])
+    assert clean["chain_verified"] and clean["ledger_problem"] is None
+    with ledger.begin() as conn:
+        conn.execute(update(AuditEventRow).where(AuditEventRow.seq == 1).values(actor="mallory"))
+    later = (T0 + timedelta(hours=3), whole[1])  # a range that does not hold event 1
+    broken = export_bundle(ledger, tmp_path / "broken", since=later[0], until=later[1])
+    assert not broken["chain_verified"]
+    assert broken["ledger_problem"].startswith("event 1 (req-1 ")
+
+
+def test_an_export_range_with_an_offset_is_the_same_instant_in_utc(
+    ledger: Engine, tmp_path: Path
+) -> None:
+    """Found by a probe: on SQLite an offset was ignored (wall time compared), so
+    `--from 10:00+01:00` exported what 10:00 UTC holds, silently missing events."""
+    plus_one = timezone(timedelta(hours=1))
+    since = (T0 + timedelta(hours=1)).astimezone(plus_one)  # req-2's hour, as 11:00+01:00
+    manifest = export_bundle(
+        ledger, tmp_path / "tz", since=since, until=since + timedelta(minutes=30)
+    )
+    lines = (tmp_path / "tz" / "events.jsonl").read_text(encoding="utf-8").splitlines()
+    assert manifest["events"]["count"] > 0
+    assert {json.loads(line)["request_id"] for line in lines} == {"req-2"}
+    with pytest.raises(ExportError, match="is not before"):
+        export_bundle(ledger, tmp_path / "reversed", since=T0 + timedelta(hours=2), until=T0)

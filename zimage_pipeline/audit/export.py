@@ -25,9 +25,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from zimage_pipeline.audit.anchoring import Anchor
-from zimage_pipeline.audit.chain import event_hash, format_time
+from zimage_pipeline.audit.chain import as_utc, event_hash, format_time
 from zimage_pipeline.audit.errors import ExportError
 from zimage_pipeline.audit.queries import AuditFilter, query_requests
+from zimage_pipeline.audit.verify import VerifyReport, verify_chain
 from zimage_pipeline.ledger.models import AuditEventRow
 
 EXPORT_KIND = "zimage.audit-export/v1"
@@ -42,19 +43,43 @@ def export_bundle(
     anchors: Sequence[Anchor] = (),
     signed_off_by: str | None = None,
     signing_key_file: Path | None = None,
+    chain_id: str | None = None,
 ) -> dict[str, Any]:
-    from sqlalchemy import select
+    """`chain_verified` is the whole ledger's verdict (`verify_chain`: every event,
+    retained prompts, the head, the anchors, the pinned chain) and the range's own links:
+    a bundle cut from a broken ledger never says verified."""
+    from sqlalchemy import func, select
 
+    # In UTC: the ledger stores UTC (naive on SQLite, where an offset would otherwise be
+    # compared as wall time and silently shift the range).
+    since, until = as_utc(since), as_utc(until)
+    if since >= until:
+        raise ExportError(f"--from {format_time(since)} is not before --to {format_time(until)}")
+    if directory.exists() and not directory.is_dir():
+        raise ExportError(f"{directory} is not a directory")
     if directory.exists() and any(directory.iterdir()):
         raise ExportError(f"{directory} is not empty; an export never overwrites")
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"{directory}: cannot be created: {exc.strerror or exc}") from None
+    ledger = verify_chain(engine, anchors=anchors, chain_id=chain_id)
+    with engine.connect() as conn:
+        # The range by time, then every event between its first and last seq: events
+        # appended concurrently can be a few ms out of time order, and a bundle with a
+        # hole in its seq range would not verify although the chain is intact.
+        low, high = conn.execute(
+            select(func.min(AuditEventRow.seq), func.max(AuditEventRow.seq)).where(
+                AuditEventRow.at >= since, AuditEventRow.at < until
+            )
+        ).one()
     first_prev = last_hash = None
     count, first_seq, last_seq, linked, prev = 0, None, None, True, None
     request_ids: set[str] = set()
     with (directory / "events.jsonl").open("w", encoding="utf-8") as out, engine.connect() as conn:
         query = (
             select(AuditEventRow)
-            .where(AuditEventRow.at >= since, AuditEventRow.at < until)
+            .where(AuditEventRow.seq >= (low or 0), AuditEventRow.seq <= (high or -1))
             .order_by(AuditEventRow.seq)
         )
         for row in conn.execution_options(stream_results=True, yield_per=5000).execute(query):
@@ -98,7 +123,8 @@ def export_bundle(
             "first_prev_hash": first_prev,
             "last_hash": last_hash,
         },
-        "chain_verified": linked,
+        "chain_verified": linked and ledger.ok,
+        "ledger_problem": None if ledger.ok else _first_problem(ledger),
         "anchors_in_range": len(in_range),
         "files": {
             name: _file_digest(directory / name)
@@ -112,6 +138,11 @@ def export_bundle(
             json.dumps(_sign(manifest_bytes, signing_key_file), indent=2), encoding="utf-8"
         )
     return manifest
+
+
+def _first_problem(report: VerifyReport) -> str:
+    first = report.first_broken
+    return first.describe() if first is not None else "the ledger does not verify"
 
 
 def _line_ok(line: dict[str, Any], prev: dict[str, Any] | None) -> bool:

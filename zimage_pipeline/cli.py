@@ -248,7 +248,17 @@ def model_make_tiny(
 
 
 def main() -> None:
-    app()
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        app()
+    except OperationalError as exc:
+        # The ledger is down or unreachable (a command's own errors are handled where
+        # they arise): one line naming the cause, not a driver's traceback. The URL is
+        # not shown: it is in the settings, and may name a user.
+        cause = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        typer.echo(f"error: the ledger cannot be reached: {cause}", err=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

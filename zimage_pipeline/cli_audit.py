@@ -61,7 +61,11 @@ def parse_time(value: str | None, option: str) -> datetime | None:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise typer.BadParameter(f"not an ISO 8601 time: {value!r}", param_hint=option) from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
+    try:
+        # In UTC here: an offset near the ends of the calendar cannot be (OverflowError).
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except OverflowError:
+        raise typer.BadParameter(f"out of range: {value!r}", param_hint=option) from None
 
 
 def _fail(exc: ZImageError) -> typer.Exit:
@@ -87,9 +91,10 @@ def query(
         str | None, typer.Option(help="Template id: the requests made from that template.")
     ] = None,
     template_version: Annotated[
-        int | None, typer.Option(min=1, help="With --template: only that version of it.")
+        int | None,
+        typer.Option(min=1, max=2**31 - 1, help="With --template: only that version of it."),
     ] = None,
-    limit: Annotated[int, typer.Option(help="Most rows; 0 for all.")] = 100,
+    limit: Annotated[int, typer.Option(min=0, max=10**9, help="Most rows; 0 for all.")] = 100,
     output: Annotated[str, typer.Option("--format", help="table | jsonl | csv")] = "table",
     config: ConfigOption = None,
 ) -> None:

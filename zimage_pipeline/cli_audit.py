@@ -185,10 +185,18 @@ def verify(
             "chain identity); --no-legacy-anchors where several ledgers wrote them."
         ),
     ] = True,
+    index: Annotated[
+        bool,
+        typer.Option(
+            help="Also check the query index (what `query` and `show` read) against the events."
+        ),
+    ] = True,
     config: ConfigOption = None,
 ) -> None:
-    """Check the hash chain (and the anchors); name the first broken event, exit 1."""
+    """Check the hash chain (and the anchors, and the query index); name the first broken
+    event, exit 1."""
     from zimage_pipeline.audit import verify_chain
+    from zimage_pipeline.audit.index_check import check_index
 
     settings = _settings(config)
     engine = _engine(settings)
@@ -199,6 +207,7 @@ def verify(
             anchors=survey.anchors if survey else (),
             chain_id=settings.audit.chain_id,
         )
+        index_problems = check_index(engine) if index else []
     except ZImageError as exc:
         raise _fail(exc) from None
     finally:
@@ -211,12 +220,17 @@ def verify(
     if survey is not None:
         _echo_survey(survey)
     first = report.first_broken
-    if first is None:
-        typer.echo("OK: audit chain intact")
+    if first is None and not index_problems:
+        typer.echo("OK: audit chain intact" + (", query index agrees" if index else ""))
         return
-    typer.echo(f"BROKEN: first broken event: {first.describe()}")
-    for problem in sorted(report.problems, key=lambda p: p.seq)[1:10]:
-        typer.echo(f"  also: {problem.describe()}")
+    if first is not None:
+        typer.echo(f"BROKEN: first broken event: {first.describe()}")
+        for problem in sorted(report.problems, key=lambda p: p.seq)[1:10]:
+            typer.echo(f"  also: {problem.describe()}")
+    if index_problems:
+        typer.echo(f"BROKEN: the query index disagrees with the events: {index_problems[0]}")
+        for disagreement in index_problems[1:10]:
+            typer.echo(f"  also: {disagreement}")
     raise typer.Exit(EXIT_BROKEN)
 
 

@@ -340,3 +340,35 @@ def test_an_export_range_with_an_offset_is_the_same_instant_in_utc(
     assert {json.loads(line)["request_id"] for line in lines} == {"req-2"}
     with pytest.raises(ExportError, match="is not before"):
         export_bundle(ledger, tmp_path / "reversed", since=T0 + timedelta(hours=2), until=T0)
+
+
+def test_verify_checks_the_query_index_against_the_events(ledger: Engine) -> None:
+    """Found by a probe: `audit query` and `audit show` read the index, which an edit
+    could change without `audit verify` noticing. It now folds each request's events
+    again and names every row, group or label that disagrees."""
+    from sqlalchemy import delete, update
+
+    from zimage_pipeline.audit.index_check import check_index
+    from zimage_pipeline.ledger.models import AuditRequestGroup, AuditRequestLabel
+
+    assert check_index(ledger) == []
+    with ledger.begin() as conn:
+        conn.execute(
+            update(AuditRequest)
+            .where(AuditRequest.request_id == "req-3")
+            .values(subject="bob", template_version=1)
+        )
+        conn.execute(delete(AuditRequestGroup).where(AuditRequestGroup.request_id == "req-1"))
+        conn.execute(
+            AuditRequestLabel.__table__.insert().values(
+                request_id="req-2", key="sku", value="forged"
+            )
+        )
+    problems = check_index(ledger)
+    assert "index: request req-3: subject is 'bob', the events say 'ola'" in problems
+    assert "index: request req-3: template_version is 1, the events say 2" in problems
+    assert "index: request req-1: groups are [], the events say ['marketing']" in problems
+    assert any(
+        "req-2: labels missing [], not in any event [('sku', 'forged')]" in p for p in problems
+    )
+    assert len(problems) == 4

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from zimage_pipeline.audit.index import _folded, template_of
+from zimage_pipeline.audit.index import fold_events, template_of
 from zimage_pipeline.audit.queries import RequestSummary
 from zimage_pipeline.audit.render import COLUMNS, render_requests, render_story
 
@@ -76,7 +76,7 @@ def test_the_largest_version_the_column_holds_is_kept() -> None:
 
 
 def test_fold_takes_the_template_from_the_received_event() -> None:
-    values = _folded(
+    values = fold_events(
         None,
         [
             Event("received", {"user": "mia", "template": template()}),
@@ -88,7 +88,7 @@ def test_fold_takes_the_template_from_the_received_event() -> None:
 
 
 def test_fold_without_a_template_sets_no_template_column() -> None:
-    values = _folded(None, [Event("received", {"user": "dan", "prompt": "free"})])
+    values = fold_events(None, [Event("received", {"user": "dan", "prompt": "free"})])
     assert "template_id" not in values and "template_version" not in values
 
 
@@ -96,7 +96,7 @@ def test_fold_keeps_the_latest_template_like_the_other_columns() -> None:
     """A redelivery records `received` again, rendered from the catalogue of its time:
     the delivery that makes the image is the last one, so its version is the one kept;
     an event without (or with a malformed) template changes nothing."""
-    values = _folded(
+    values = fold_events(
         None,
         [
             Event("received", {"template": template(version=3)}),
@@ -109,7 +109,7 @@ def test_fold_keeps_the_latest_template_like_the_other_columns() -> None:
 
 
 def test_fold_keeps_id_and_version_as_one_pair() -> None:
-    values = _folded(
+    values = fold_events(
         None,
         [
             Event("received", {"template": template(version=3)}),

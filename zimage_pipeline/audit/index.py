@@ -102,7 +102,7 @@ def update_request_index(conn: Connection, events: Sequence[IndexedEvent]) -> No
     request cannot lose an update), then the new groups and labels, if any.
 
     The upsert's inserted values are the fold of this batch alone (what a new row gets);
-    ON CONFLICT merges them into the existing row in SQL, with the same rules `_folded`
+    ON CONFLICT merges them into the existing row in SQL, with the same rules `fold_events`
     applies event by event (`_merged_columns`)."""
     by_request: dict[str, list[IndexedEvent]] = {}
     for event in events:
@@ -115,7 +115,7 @@ def update_request_index(conn: Connection, events: Sequence[IndexedEvent]) -> No
             **dict.fromkeys(("subject", "principal", "model", "reason"), None),
             **dict.fromkeys(("prompt_sha256", "prompt_text"), None),
             **dict.fromkeys(("template_id", "template_version"), None),
-            **_folded(None, request_events),
+            **fold_events(None, request_events),
         }
         for request_id, request_events in sorted(by_request.items())  # row-lock order
     ]
@@ -187,7 +187,7 @@ def _merged_columns(new: Any) -> dict[str, Any]:
     }
 
 
-def _folded(status: str | None, events: Sequence[IndexedEvent]) -> dict[str, Any]:
+def fold_events(status: str | None, events: Sequence[IndexedEvent]) -> dict[str, Any]:
     """The index columns after `events`: the latest non-null value of each wins."""
     values: dict[str, Any] = {}
     for event in events:

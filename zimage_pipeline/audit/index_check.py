@@ -3,7 +3,7 @@
 The index (audit/index.py) is derived data that `audit query` and `audit show` read, so
 an edit to it would change what a compliance officer sees without touching the hash
 chain. Here each request's events are folded again, with the index's own rules
-(`index._folded`), and compared with its row, its groups and its labels. Events are read
+(`index.fold_events`), and compared with its row, its groups and its labels. Events are read
 one request at a time (ordered by request, then seq), so memory holds one request's
 events plus the index rows, never the whole trail.
 """
@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 
 from zimage_pipeline.audit.chain import as_utc
-from zimage_pipeline.audit.index import _folded
+from zimage_pipeline.audit.index import fold_events
 from zimage_pipeline.ledger.models import (
     AuditEventRow,
     AuditRequest,
@@ -114,7 +114,7 @@ def _row_problems(request_id: str, row: Any, events: list[_Event]) -> list[str]:
         **dict.fromkeys(COLUMNS),
         "first_at": events[0].at,
         "events": len(events),
-        **_folded(None, events),
+        **fold_events(None, events),
     }
     problems = []
     for column in COLUMNS:

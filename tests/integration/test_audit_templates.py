@@ -372,3 +372,18 @@ def test_verify_checks_the_query_index_against_the_events(ledger: Engine) -> Non
         "req-2: labels missing [], not in any event [('sku', 'forged')]" in p for p in problems
     )
     assert len(problems) == 4
+
+
+def test_a_failed_export_leaves_nothing_behind(ledger: Engine, tmp_path: Path) -> None:
+    """Found by a probe: an export whose signing key was unusable exited 1 but left a
+    complete-looking unsigned bundle (and a retry then failed with "is not empty")."""
+    key = tmp_path / "not-a-key.pem"
+    key.write_text("not a key\n", encoding="utf-8")
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    target = exports / "bundle"
+    with pytest.raises(ExportError, match="signing key"):
+        export_bundle(ledger, target, since=T0, until=T0 + timedelta(days=1), signing_key_file=key)
+    assert list(exports.iterdir()) == []
+    done = export_bundle(ledger, target, since=T0, until=T0 + timedelta(days=1))
+    assert done["events"]["count"] > 0 and (target / "manifest.json").is_file()

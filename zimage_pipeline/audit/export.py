@@ -14,6 +14,8 @@ import base64
 import getpass
 import hashlib
 import json
+import shutil
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -48,8 +50,6 @@ def export_bundle(
     """`chain_verified` is the whole ledger's verdict (`verify_chain`: every event,
     retained prompts, the head, the anchors, the pinned chain) and the range's own links:
     a bundle cut from a broken ledger never says verified."""
-    from sqlalchemy import func, select
-
     # In UTC: the ledger stores UTC (naive on SQLite, where an offset would otherwise be
     # compared as wall time and silently shift the range).
     since, until = as_utc(since), as_utc(until)
@@ -59,10 +59,46 @@ def export_bundle(
         raise ExportError(f"{directory} is not a directory")
     if directory.exists() and any(directory.iterdir()):
         raise ExportError(f"{directory} is not empty; an export never overwrites")
+    # Written beside it and moved into place when complete: a failed export (a bad
+    # signing key, the ledger gone mid-way) leaves no partial bundle that looks whole.
+    partial = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        partial.mkdir(parents=True)
     except OSError as exc:
         raise ExportError(f"{directory}: cannot be created: {exc.strerror or exc}") from None
+    try:
+        manifest = _write_bundle(
+            engine,
+            partial,
+            since=since,
+            until=until,
+            anchors=anchors,
+            signed_off_by=signed_off_by,
+            signing_key_file=signing_key_file,
+            chain_id=chain_id,
+        )
+        if directory.exists():
+            directory.rmdir()  # empty, checked above
+        partial.rename(directory)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_bundle(
+    engine: Any,
+    directory: Path,
+    *,
+    since: datetime,
+    until: datetime,
+    anchors: Sequence[Anchor],
+    signed_off_by: str | None,
+    signing_key_file: Path | None,
+    chain_id: str | None,
+) -> dict[str, Any]:
+    from sqlalchemy import func, select
+
     ledger = verify_chain(engine, anchors=anchors, chain_id=chain_id)
     with engine.connect() as conn:
         # The range by time, then every event between its first and last seq: events

@@ -113,13 +113,20 @@ def verify_chain(
 def _check_row(row: Any, expected_seq: int, prev: str) -> list[BrokenEvent]:
     found: list[BrokenEvent] = []
 
-    def broken(problem: str, detail: str, seq: int | None = None) -> None:
-        seq = row.seq if seq is None else seq
-        found.append(BrokenEvent(seq, problem, detail, row.request_id, row.event_type))
+    def broken(problem: str, detail: str) -> None:
+        found.append(BrokenEvent(row.seq, problem, detail, row.request_id, row.event_type))
 
-    if row.seq != expected_seq:
+    if row.seq > expected_seq:
+        # Named by its number only: a deleted event's request is not known, and naming
+        # the next present row's would blame the wrong request.
         gap = f"{expected_seq}" if row.seq == expected_seq + 1 else f"{expected_seq}..{row.seq - 1}"
-        broken("missing", f"event(s) {gap} deleted; the next present is {row.seq}", expected_seq)
+        detail = (
+            f"event(s) {gap} deleted; the next present is {row.seq} "
+            f"({row.request_id} {row.event_type})"
+        )
+        found.append(BrokenEvent(expected_seq, "missing", detail))
+    elif row.seq < expected_seq:
+        broken("out_of_place", f"seq {row.seq} where {expected_seq} was expected (inserted?)")
     if row.prev_hash != prev:
         broken(
             "broken_link",

@@ -100,10 +100,16 @@ def query(
 ) -> None:
     """Requests matching every filter given, newest first."""
     from zimage_pipeline.audit import AuditFilter, query_requests
+    from zimage_pipeline.audit.index import STATUSES
     from zimage_pipeline.audit.render import render_requests
 
     if output not in ("table", "jsonl", "csv"):
         raise typer.BadParameter("table, jsonl or csv", param_hint="--format")
+    if status is not None and status not in STATUSES:
+        raise typer.BadParameter(f"one of {', '.join(sorted(STATUSES))}", param_hint="--status")
+    start, end = parse_time(since, "--from"), parse_time(until, "--to")
+    if start is not None and end is not None and start >= end:
+        raise typer.BadParameter(f"{since!r} is not before --to {until!r}", param_hint="--from")
     if template_version is not None and template is None:
         raise typer.BadParameter("needs --template ID", param_hint="--template-version")
     labels = tuple(
@@ -112,8 +118,8 @@ def query(
     audit_filter = AuditFilter(
         user=user,
         group=group,
-        since=parse_time(since, "--from"),
-        until=parse_time(until, "--to"),
+        since=start,
+        until=end,
         status=status,
         reason=reason,
         model=model,
@@ -148,6 +154,9 @@ def show(
     from zimage_pipeline.audit import request_story
     from zimage_pipeline.audit.render import render_story
     from zimage_pipeline.ledger.outbox import SinkOutbox
+
+    if output not in ("text", "json"):
+        raise typer.BadParameter("text or json", param_hint="--format")
 
     engine = _engine(_settings(config))
     try:

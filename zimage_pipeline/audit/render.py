@@ -58,13 +58,24 @@ def render_requests(rows: Iterable[RequestSummary], output: str) -> Iterator[str
                 summary.template_id or "",
                 "" if summary.template_version is None else str(summary.template_version),
             ]
-            writer.writerow([*_cells(summary), *extra])
+            writer.writerow([_inert(cell) for cell in (*_cells(summary), *extra)])
             yield _take(buffer)
     else:
         summaries = list(rows)
         templated = any(s.template_id is not None for s in summaries)
         columns = TEMPLATE_COLUMNS if templated else COLUMNS
         yield from _table([_cells(s, columns) for s in summaries], columns)
+
+
+# A cell a spreadsheet would run as a formula (labels and prompts come from clients).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _inert(cell: str) -> str:
+    """The cell as text to a spreadsheet: a leading formula character is quoted with
+    an apostrophe (OWASP's CSV injection advice); other readers see one extra
+    character on such cells only."""
+    return f"'{cell}" if cell.startswith(_FORMULA_START) else cell
 
 
 def _take(buffer: io.StringIO) -> str:

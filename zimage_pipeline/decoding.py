@@ -28,6 +28,7 @@ _M = TypeVar("_M", bound=BaseModel)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:
@@ -83,7 +84,9 @@ def _parse_object(body: bytes, *, max_bytes: int) -> dict[str, Any]:
         raise InvalidRequestError(f"body: not valid JSON ({exc})") from exc
     if not isinstance(document, dict):
         raise InvalidRequestError(f"body: expected a JSON object, got {type(document).__name__}")
-    where = _lone_surrogate(document, ())
+    # Only a \uD800..\uDFFF escape can put a surrogate in a string (UTF-8 cannot carry
+    # one): the walk runs only for a body that has such an escape, not on every request.
+    where = _lone_surrogate(document, ()) if _SURROGATE_ESCAPE.search(text) else None
     if where is not None:
         # JSON allows "\ud800" escapes that encode no character; the model's parser
         # would refuse them with a message about hex escapes that names no field.

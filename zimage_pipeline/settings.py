@@ -629,6 +629,7 @@ def _relative_to_config_file(
     if not toml_path.is_file():
         return settings
     base = toml_path.parent
+    from_env = {name.upper() for name in os.environ}
     changes: dict[str, Any] = {}
     for section in type(settings).model_fields:
         if section in overrides:
@@ -636,7 +637,7 @@ def _relative_to_config_file(
         current = getattr(settings, section)
         if isinstance(current, PluginsSettings):
             tables = {
-                name: _plugin_files_beside(base, table, f"ZIMAGE_PLUGINS__{name}")
+                name: _plugin_files_beside(base, table, f"ZIMAGE_PLUGINS__{name}", from_env)
                 for name, table in current.tables().items()
             }
             if tables != current.tables():
@@ -645,7 +646,7 @@ def _relative_to_config_file(
             update = {
                 key: base / value
                 for key, value in _relative_paths(current)
-                if f"ZIMAGE_{section}__{key}".upper() not in _env_names()
+                if f"ZIMAGE_{section}__{key}".upper() not in from_env
                 and (
                     key in current.model_fields_set or (section, key) in DEFAULTS_BESIDE_CONFIG_FILE
                 )
@@ -670,24 +671,22 @@ def _relative_paths(section: BaseModel) -> list[tuple[str, Path]]:
     ]
 
 
-def _env_names() -> set[str]:
-    return {name.upper() for name in os.environ}
-
-
-def _plugin_files_beside(base: Path, table: dict[str, Any], env_prefix: str) -> dict[str, Any]:
+def _plugin_files_beside(
+    base: Path, table: dict[str, Any], env_prefix: str, from_env: set[str]
+) -> dict[str, Any]:
     """A plugin table with its relative `*_file` strings resolved against `base`, in
     nested tables too (`publishers.<account>.secret_file`); one set from the
-    environment is left as given."""
+    environment (`from_env`: its variable names, upper case) is left as given."""
     resolved: dict[str, Any] = {}
     for key, value in table.items():
         env = f"{env_prefix}__{key}".upper()
         if isinstance(value, dict):
-            resolved[key] = _plugin_files_beside(base, value, env)
+            resolved[key] = _plugin_files_beside(base, value, env, from_env)
         elif (
             key.endswith("_file")
             and isinstance(value, str)
             and not Path(value).is_absolute()
-            and env not in _env_names()
+            and env not in from_env
         ):
             resolved[key] = str(base / value)
         else:

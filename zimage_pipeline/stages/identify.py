@@ -79,13 +79,11 @@ async def _authorize(
     return Identified(outcome, round(time.perf_counter() - started, 6), request)
 
 
-def _check_renditions_can_be_made(request: GenerationRequest, plugins: LoadedPlugins) -> None:
+def _refuse_unmade_renditions(request: GenerationRequest) -> None:
     """Renditions (and a focal point for their crops) asked of a worker where no
     post-processor reads a request's options (the renditions plugin, or another with
     `validate_request`) would silently not be made: a clear refusal instead, free."""
     if not (request.renditions or request.focal_point):
-        return
-    if any(hasattr(processor, "validate_request") for _, processor in plugins.postprocessors):
         return
     field = "renditions" if request.renditions else "focal_point"
     raise InvalidRequestError(
@@ -121,11 +119,15 @@ async def _screen(
         request = adapters.resolve(request)
         request, inputs = await read_inputs(runtime, source, request, auth.input_grants)
         check_limits(request, auth)
-        _check_renditions_can_be_made(request, plugins)
-        for name, processor in plugins.postprocessors:
-            validate = getattr(processor, "validate_request", None)
-            if validate is not None:
-                await runtime.plugin_call(name, "postprocessor", validate, request)
+        validators = [
+            (name, validate)
+            for name, processor in plugins.postprocessors
+            if (validate := getattr(processor, "validate_request", None)) is not None
+        ]
+        if not validators:
+            _refuse_unmade_renditions(request)
+        for name, validate in validators:
+            await runtime.plugin_call(name, "postprocessor", validate, request)
         who = PromptSubject(auth.subject, auth.principal, auth.roles)
         for name, prompt_filter in plugins.prompt_filters:
             refusal = await runtime.plugin_call(
